@@ -1,0 +1,42 @@
+# The README's two commands: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.sha256
+LOCK_SHA := $(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-64)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export PYTHONHASHSEED := 0
+
+.PHONY: setup demo test bench lint format clean-demo
+
+# Idempotent: a no-op when .venv already matches requirements.lock and pyproject.toml.
+setup:
+	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(LOCK_SHA)" ]; then \
+		echo ".venv matches requirements.lock"; \
+	else \
+		set -e; \
+		python3 -m venv $(VENV); \
+		$(PY) -m pip install --quiet --upgrade "pip>=24"; \
+		$(PY) -m pip install --quiet -r requirements.lock; \
+		$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .; \
+		echo "$(LOCK_SHA)" > $(STAMP); \
+		echo ".venv installed from requirements.lock"; \
+	fi
+
+demo: setup
+	dvc repro
+	dvc metrics show
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/tokenizer.py
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks

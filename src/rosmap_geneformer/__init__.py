@@ -1,0 +1,1 @@
+"""rosmap-geneformer."""

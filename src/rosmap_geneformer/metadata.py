@@ -1,0 +1,231 @@
+"""Donor and cell metadata: loading, joining and label derivation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from rosmap_geneformer.io import read_table
+
+logger = logging.getLogger(__name__)
+
+AD_LABEL = "AD"
+CONTROL_LABEL = "control"
+AD_DEFINITIONS = ("pathologic", "clinical")
+
+
+def load_batch_mapping(path: str | Path, *, library_col: str, subject_col: str) -> pd.Series:
+    """Library id -> donor id, from ``batch_mapping.tsv``.
+
+    Raises
+    ------
+    ValueError
+        When a library is listed twice with different donors.
+    """
+    table = read_table(path, required=[library_col, subject_col], what="batch mapping", dtype=str)
+    table = table[[library_col, subject_col]].drop_duplicates()
+    clash = table[library_col][table[library_col].duplicated()]
+    if len(clash):
+        msg = (
+            f"{path}: library id(s) {sorted(clash.unique())[:5]} in column {library_col!r} map to "
+            "more than one donor. Each library must belong to one donor; fix the file."
+        )
+        raise ValueError(msg)
+    return table.set_index(library_col)[subject_col]
+
+
+def load_donors(path: str | Path, *, subject_col: str) -> pd.DataFrame:
+    """Donor metadata indexed by donor id (as strings), from ``individual_metadata.tsv``."""
+    table = read_table(path, required=[subject_col], what="donor metadata")
+    table[subject_col] = table[subject_col].astype(str)
+    dups = table[subject_col][table[subject_col].duplicated()]
+    if len(dups):
+        msg = (
+            f"{path}: donor id(s) {sorted(dups.unique())[:5]} appear more than once in column "
+            f"{subject_col!r}. Keep one row per donor."
+        )
+        raise ValueError(msg)
+    return table.set_index(subject_col).sort_index()
+
+
+def ad_status(
+    donors: pd.DataFrame, *, definition: str, columns: Mapping[str, str], source: str | Path
+) -> pd.Series:
+    """Derive each donor's AD label from a rule.
+
+    Parameters
+    ----------
+    donors
+        Donor metadata indexed by donor id.
+    definition
+        ``"pathologic"``: AD when the pathologic-diagnosis column is ``"yes"`` (NIA-Reagan 1-2),
+        control when ``"no"``. ``"clinical"``: AD when ``cogdx`` is 4 or 5, control when it is 1,
+        undefined otherwise (MCI and other dementias are left out).
+    columns
+        ``data.columns`` from params (keys ``pathologic_ad`` and ``cogdx``).
+    source
+        The metadata file, for error messages.
+
+    Returns
+    -------
+    ``"AD"``, ``"control"`` or missing (NaN) per donor.
+    """
+    if definition not in AD_DEFINITIONS:
+        msg = f"params.yaml: labels.ad_definition={definition!r}; use one of {AD_DEFINITIONS}."
+        raise ValueError(msg)
+    key = "pathologic_ad" if definition == "pathologic" else "cogdx"
+    column = columns[key]
+    if column not in donors.columns:
+        msg = (
+            f"{source}: labels.ad_definition={definition!r} needs column {column!r}, which is "
+            f"missing (columns: {list(donors.columns)}). Add it or set data.columns.{key}."
+        )
+        raise ValueError(msg)
+    values = donors[column]
+    labels = pd.Series(np.nan, index=donors.index, dtype=object)
+    if definition == "pathologic":
+        text = values.astype(str).str.strip().str.lower()
+        unknown = sorted(set(text[values.notna()]) - {"yes", "no"})
+        if unknown:
+            msg = f"{source}: column {column!r} has values {unknown}; expected 'yes' or 'no'."
+            raise ValueError(msg)
+        labels[text == "yes"] = AD_LABEL
+        labels[text == "no"] = CONTROL_LABEL
+    else:
+        codes = pd.to_numeric(values, errors="coerce")
+        labels[codes.isin([4, 5])] = AD_LABEL
+        labels[codes == 1] = CONTROL_LABEL
+    return labels.rename("ad_status")
+
+
+def attach_patients(
+    adata: ad.AnnData,
+    library_to_donor: pd.Series,
+    *,
+    batch_col: str,
+    source: str | Path,
+    mapping_source: str | Path,
+) -> pd.Series:
+    """Donor id of every cell, through its library.
+
+    Raises
+    ------
+    ValueError
+        When the batch column is missing, or a library has no donor in the batch mapping.
+    """
+    if batch_col not in adata.obs.columns:
+        msg = (
+            f"{source}: obs lacks the library column {batch_col!r} (columns: "
+            f"{list(adata.obs.columns)}). Set data.columns.batch in params.yaml."
+        )
+        raise ValueError(msg)
+    libraries = adata.obs[batch_col].astype(str)
+    orphan = sorted(set(libraries) - set(library_to_donor.index))
+    if orphan:
+        msg = (
+            f"{mapping_source}: library id(s) {orphan[:5]} (of {len(orphan)}) from {source} "
+            f"obs[{batch_col!r}] have no donor. Add them to the batch mapping."
+        )
+        raise ValueError(msg)
+    return libraries.map(library_to_donor).astype(str).rename("patient_id")
+
+
+def check_donors_known(
+    patients: pd.Series | pd.Index, donors: pd.DataFrame, *, source: str | Path
+) -> None:
+    """Refuse patients that have no row in the donor metadata."""
+    missing = sorted(set(map(str, patients)) - set(donors.index))
+    if missing:
+        msg = (
+            f"{source}: no donor metadata for patient(s) {missing[:5]} (of {len(missing)}). "
+            "Add their rows, or drop their libraries from the batch mapping."
+        )
+        raise ValueError(msg)
+
+
+def annotate_cells(
+    adata: ad.AnnData,
+    *,
+    annotation: pd.DataFrame,
+    donors: pd.DataFrame,
+    labels: pd.Series,
+    columns: Mapping[str, str],
+) -> tuple[ad.AnnData, dict[str, Any]]:
+    """Join cell-type annotation and donor metadata; drop and count cells lacking either.
+
+    Parameters
+    ----------
+    adata
+        Cells with ``obs["patient_id"]``.
+    annotation
+        The cell annotation table (cell name, cell type, fine cell type columns).
+    donors
+        Donor metadata indexed by donor id.
+    labels
+        Donor id -> AD label (see :func:`ad_status`); missing values mean undefined.
+    columns
+        ``data.columns`` from params.
+
+    Returns
+    -------
+    The annotated cells (X untouched) and a report of counts.
+    """
+    cell_col, type_col = columns["cell"], columns["cell_type"]
+    fine_col = columns.get("cell_type_fine")
+    annotation = annotation.astype({cell_col: str}).set_index(cell_col)
+    dup = annotation.index[annotation.index.duplicated()]
+    if len(dup):
+        msg = f"cell annotation: cell(s) {sorted(dup.unique())[:5]} are annotated more than once."
+        raise ValueError(msg)
+
+    obs = adata.obs.copy()
+    cells = pd.Index(adata.obs_names)
+    has_type = cells.isin(annotation.index)
+    cell_type = annotation[type_col].reindex(cells)
+    has_type &= cell_type.notna().to_numpy()
+    status = obs["patient_id"].astype(str).map(labels)
+    has_label = status.notna().to_numpy()
+    keep = has_type & has_label
+
+    obs["cell_type"] = cell_type.to_numpy()
+    if fine_col and fine_col in annotation.columns:
+        obs["cell_type_fine"] = annotation[fine_col].reindex(cells).to_numpy()
+    obs["ad_status"] = status.to_numpy()
+    donor_cols = [c for c in donors.columns if c not in obs.columns]
+    donor_info = donors[donor_cols].reindex(obs["patient_id"].astype(str))
+    for col in donor_cols:
+        obs[col] = donor_info[col].to_numpy()
+
+    out = ad.AnnData(X=adata.X, obs=obs, var=adata.var)[keep].copy()
+    for col in ("cell_type", "ad_status", "cell_type_fine"):
+        if col in out.obs:
+            out.obs[col] = pd.Categorical(out.obs[col].astype(str))
+    report = {
+        "cells_in": int(adata.n_obs),
+        "cells_out": int(out.n_obs),
+        "dropped_no_cell_annotation": int((~has_type).sum()),
+        "dropped_no_label": int((has_type & ~has_label).sum()),
+        "cells_per_cell_type": count_values(out.obs["cell_type"]),
+        "cells_per_ad_status": count_values(out.obs["ad_status"]),
+        "patients": int(out.obs["patient_id"].nunique()),
+    }
+    logger.info(
+        "annotated %d of %d cells (%d without annotation, %d without label)",
+        report["cells_out"],
+        report["cells_in"],
+        report["dropped_no_cell_annotation"],
+        report["dropped_no_label"],
+    )
+    return out, report
+
+
+def count_values(values: pd.Series) -> dict[str, int]:
+    """Counts per distinct value, keyed by the value as a string, in sorted order."""
+    counts = values.astype(str).value_counts()
+    return {str(k): int(counts[k]) for k in sorted(counts.index)}

@@ -1,0 +1,85 @@
+"""Stage split: patient-level train/val/test split of the Ensembl-converted counts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from rosmap_geneformer import io, metadata
+from rosmap_geneformer.logs import setup_logging
+from rosmap_geneformer.params import SPLITS, get, raw_paths, stage_arguments
+from rosmap_geneformer.split import split_patients
+
+logger = logging.getLogger("stage.split")
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, params = stage_arguments(argv, description=__doc__)
+    setup_logging()
+    columns = get(params, "data.columns")
+    raw = raw_paths(params)
+    counts_path = Path(get(params, "paths.ensembl"))
+    out_dir = Path(get(params, "paths.split"))
+
+    adata = io.read_h5ad(counts_path, backed=True)
+    library_to_donor = metadata.load_batch_mapping(
+        raw["batch_mapping"], library_col=columns["library"], subject_col=columns["subject"]
+    )
+    patients = metadata.attach_patients(
+        adata,
+        library_to_donor,
+        batch_col=columns["batch"],
+        source=counts_path,
+        mapping_source=raw["batch_mapping"],
+    )
+    donors = metadata.load_donors(raw["individual_metadata"], subject_col=columns["subject"])
+    metadata.check_donors_known(patients.unique(), donors, source=raw["individual_metadata"])
+    donors = donors.loc[sorted(patients.unique())]
+    labels = metadata.ad_status(
+        donors,
+        definition=get(params, "labels.ad_definition"),
+        columns=columns,
+        source=raw["individual_metadata"],
+    )
+    result = split_patients(
+        donors,
+        labels=labels,
+        fractions=get(params, "split.fractions"),
+        balance=get(params, "split.balance") or (),
+        max_trials=int(get(params, "split.max_trials")),
+        seed=int(get(params, "seed")),
+    )
+
+    cell_split = patients.map(result.split_of()).to_numpy()
+    cell_labels = patients.map(labels).fillna("unlabelled").to_numpy()
+    report: dict = {"patients_total": len(donors), "cells_total": int(adata.n_obs)}
+    report["balance_pvalues"] = result.balance_pvalues
+    report["balance_trial"] = result.trial
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        mask = cell_split == split
+        if not mask.any():
+            msg = f"split {split!r} is empty: no cells from its donors {result.patients[split]} in {counts_path}."
+            raise ValueError(msg)
+        subset = adata[mask].to_memory()
+        subset.obs["patient_id"] = patients[mask].astype("category")
+        io.write_h5ad(subset, out_dir / f"{split}.h5ad")
+        classes, counts = np.unique(cell_labels[mask], return_counts=True)
+        split_labels = labels.reindex(result.patients[split]).fillna("unlabelled")
+        report[split] = {
+            "n_patients": len(result.patients[split]),
+            "n_cells": int(mask.sum()),
+            "cells_per_ad_status": dict(zip(classes.tolist(), counts.tolist(), strict=True)),
+            "patients_per_ad_status": {
+                str(k): int(v) for k, v in split_labels.value_counts().sort_index().items()
+            },
+            "patients": result.patients[split],
+        }
+        logger.info("%s: %d patients, %d cells", split, report[split]["n_patients"], mask.sum())
+    io.write_json(report, Path(get(params, "paths.reports")) / "split.json")
+
+
+if __name__ == "__main__":
+    main()
