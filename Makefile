@@ -1,5 +1,6 @@
 # The README's two commands: `make demo` and `make test`.
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements.sha256
@@ -16,9 +17,8 @@ setup:
 	else \
 		set -e; \
 		python3 -m venv $(VENV); \
-		$(PY) -m pip install --quiet --upgrade "pip>=24"; \
-		$(PY) -m pip install --quiet -r requirements.lock; \
-		$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .; \
+		$(PY) -m pip install --quiet -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+		$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | { grep -v "^WARNING: Location" || true; }; \
 		echo "$(LOCK_SHA)" > $(STAMP); \
 		echo ".venv installed from requirements.lock"; \
 	fi

@@ -57,27 +57,28 @@ def main(argv: list[str] | None = None) -> None:
     report: dict = {"patients_total": len(donors), "cells_total": int(adata.n_obs)}
     report["balance_pvalues"] = result.balance_pvalues
     report["balance_trial"] = result.trial
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        mask = cell_split == split
-        if not mask.any():
-            msg = f"split {split!r} is empty: no cells from its donors {result.patients[split]} in {counts_path}."
-            raise ValueError(msg)
-        subset = adata[mask].to_memory()
-        subset.obs["patient_id"] = patients[mask].astype("category")
-        io.write_h5ad(subset, out_dir / f"{split}.h5ad")
-        classes, counts = np.unique(cell_labels[mask], return_counts=True)
-        split_labels = labels.reindex(result.patients[split]).fillna("unlabelled")
-        report[split] = {
-            "n_patients": len(result.patients[split]),
-            "n_cells": int(mask.sum()),
-            "cells_per_ad_status": dict(zip(classes.tolist(), counts.tolist(), strict=True)),
-            "patients_per_ad_status": {
-                str(k): int(v) for k, v in split_labels.value_counts().sort_index().items()
-            },
-            "patients": result.patients[split],
-        }
-        logger.info("%s: %d patients, %d cells", split, report[split]["n_patients"], mask.sum())
+    with io.atomic_output(out_dir) as tmp_dir:
+        tmp_dir.mkdir()
+        for split in SPLITS:
+            mask = cell_split == split
+            if not mask.any():
+                msg = f"split {split!r} is empty: no cells from its donors {result.patients[split]} in {counts_path}."
+                raise ValueError(msg)
+            subset = adata[mask].to_memory()
+            subset.obs["patient_id"] = patients[mask].astype("category")
+            io.write_h5ad(subset, tmp_dir / f"{split}.h5ad")
+            classes, counts = np.unique(cell_labels[mask], return_counts=True)
+            split_labels = labels.reindex(result.patients[split]).fillna("unlabelled")
+            report[split] = {
+                "n_patients": len(result.patients[split]),
+                "n_cells": int(mask.sum()),
+                "cells_per_ad_status": dict(zip(classes.tolist(), counts.tolist(), strict=True)),
+                "patients_per_ad_status": {
+                    str(k): int(v) for k, v in split_labels.value_counts().sort_index().items()
+                },
+                "patients": result.patients[split],
+            }
+            logger.info("%s: %d patients, %d cells", split, report[split]["n_patients"], mask.sum())
     io.write_json(report, Path(get(params, "paths.reports")) / "split.json")
 
 

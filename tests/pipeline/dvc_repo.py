@@ -1,0 +1,89 @@
+"""A real git+DVC repository in a temporary directory, running the project's stages on tiny data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+# Small enough for seconds per stage, large enough for every split to hold both AD classes.
+TINY_PARAMS: dict[str, Any] = {
+    "demo": {"n_donors": 12, "cells_per_donor": 70, "n_genes": 500},
+    "qc": {"scrublet": {"min_cells_per_library": 40}},
+    "sample": {"max_cells_per_patient_cell_type": 20, "max_cells_per_class": 200},
+}
+
+
+def deep_update(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursively overlay ``update`` onto ``base`` (in place) and return it."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def run(cmd: list[str], cwd: Path, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command with the test interpreter's environment first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONHASHSEED"] = "0"
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if check and proc.returncode != 0:
+        msg = f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        raise AssertionError(msg)
+    return proc
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "dvc", *args], cwd, check=check)
+
+
+def git(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run(["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", *args], cwd)
+
+
+def stages_run(output: str) -> set[str]:
+    """Names of the stages that `dvc repro` ran (not those it skipped)."""
+    return {
+        line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")
+    }
+
+
+def make_repo(root: Path, params_update: Mapping[str, Any]) -> Path:
+    """Copy the pipeline into ``root``, apply ``params_update``, and commit it in git+DVC."""
+    for name in ("dvc.yaml", ".dvcignore"):
+        if (PROJECT / name).exists():
+            shutil.copy(PROJECT / name, root / name)
+    shutil.copytree(
+        PROJECT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    params = yaml.safe_load((PROJECT / "params.yaml").read_text())
+    deep_update(params, params_update)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git("init", "-q", "-b", "main", cwd=root)
+    dvc("init", "-q", cwd=root)
+    dvc("config", "core.analytics", "false", cwd=root)
+    git("add", "-A", cwd=root)
+    git("commit", "-q", "-m", "tiny pipeline", cwd=root)
+    return root
+
+
+def tiny_repo(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str = "repo",
+    params_update: Mapping[str, Any] | None = None,
+) -> Path:
+    """A committed git+DVC copy of the pipeline with :data:`TINY_PARAMS` (plus ``params_update``)."""
+    update = deep_update(yaml.safe_load(yaml.safe_dump(TINY_PARAMS)), params_update or {})
+    return make_repo(tmp_path_factory.mktemp(name), update)

@@ -1,0 +1,83 @@
+"""`dvc repro` end to end on tiny demo data: outputs, no-op reruns and exact invalidation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from dvc_repo import dvc, stages_run, tiny_repo
+
+pytestmark = pytest.mark.pipeline
+
+DATA_STAGES = {"demo_data", "gene_map", "convert_genes", "split"}
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tiny_repo(tmp_path_factory, "pipeline")
+    proc = dvc("repro", cwd=root)
+    ran = stages_run(proc.stdout)
+    assert ran >= DATA_STAGES
+    assert {"qc@train", "qc@val", "qc@test", "annotate@test", "sample"} <= ran
+    return root
+
+
+def test_outputs_follow_the_data_contract(repo: Path) -> None:
+    splits = {}
+    for split in ("train", "val", "test"):
+        adata = ad.read_h5ad(repo / "data/processed/sampled" / f"{split}.h5ad")
+        splits[split] = adata
+        assert {"patient_id", "cell_type", "ad_status", "n_counts"} <= set(adata.obs.columns)
+        assert "ensembl_id" in adata.var.columns
+        assert adata.var_names.str.startswith("ENSG").all()
+        values = adata.X.data
+        assert np.array_equal(values, np.round(values)), f"{split}: X must stay raw counts"
+        assert set(adata.obs["ad_status"]) == {"AD", "control"}, f"{split} lacks an AD class"
+        assert (adata.obs["n_counts"].to_numpy() >= np.asarray(adata.X.sum(axis=1)).ravel()).all()
+        ids = (repo / "data/processed/sampled" / f"{split}_cell_ids.txt").read_text().split()
+        assert ids == adata.obs_names.tolist()
+    patients = [set(a.obs["patient_id"]) for a in splits.values()]
+    assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
+
+    split_report = json.loads((repo / "reports/split.json").read_text())
+    for split, adata in splits.items():
+        assert set(adata.obs["patient_id"]) <= set(split_report[split]["patients"])
+
+
+def test_qc_removes_injected_low_quality_cells(repo: Path) -> None:
+    truth = pd.read_csv(repo / "data/raw/demo/truth/cells.tsv", sep="\t")
+    kept = set()
+    for split in ("train", "val", "test"):
+        kept |= set(ad.read_h5ad(repo / "data/interim/qc" / f"{split}.h5ad", backed="r").obs_names)
+    low_quality = truth.loc[truth["is_low_quality"].astype(bool), "cell"]
+    removed = 1 - low_quality.isin(kept).mean()
+    assert removed >= 0.9, f"QC removed only {removed:.0%} of injected low-quality cells"
+    report = json.loads((repo / "reports/qc/train.json").read_text())
+    assert report["cells_in"] > report["cells_out"] > 0
+
+
+def test_metrics_are_visible_to_dvc(repo: Path) -> None:
+    shown = dvc("metrics", "show", "--json", cwd=repo).stdout
+    assert "mapping.json" in shown and "split.json" in shown
+
+
+def test_second_repro_is_a_no_op(repo: Path) -> None:
+    proc = dvc("repro", cwd=repo)
+    assert stages_run(proc.stdout) == set()
+    assert "changed" not in dvc("status", cwd=repo).stdout
+
+
+def test_qc_param_change_reruns_qc_and_downstream_only(repo: Path) -> None:
+    params_path = repo / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["qc"]["min_genes"] += 25
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = stages_run(dvc("repro", cwd=repo).stdout)
+    assert {"qc@train", "qc@val", "qc@test"} <= ran
+    assert not (ran & DATA_STAGES), f"stages before qc reran: {ran & DATA_STAGES}"
+    assert stages_run(dvc("repro", cwd=repo).stdout) == set()
