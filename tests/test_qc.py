@@ -1,0 +1,378 @@
+"""QC: per-cell metrics, filters, Scrublet per library, streaming merge, report, stage script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import sparse
+
+from rosmap_geneformer import qc
+
+STAGES = Path(__file__).resolve().parents[1] / "src" / "stages"
+N_MT = 5
+# Thresholds for the synthetic cells (about 1,500 counts and 190 genes each).
+SETTINGS = qc.QCSettings(min_genes=100, min_counts=300, max_pct_mito=10.0, seed=0)
+NO_SCRUBLET = qc.QCSettings(min_genes=100, min_counts=300, max_pct_mito=10.0, scrublet=False)
+
+
+def make_adata(
+    *,
+    libraries: tuple[str, ...] = ("L2", "L0", "L1"),
+    cells: int = 150,
+    n_genes: int = 300,
+    seed: int = 0,
+    doublet_rate: float = 0.06,
+    few_genes_rate: float = 0.04,
+    high_mito_rate: float = 0.04,
+    n_mt: int = N_MT,
+    shuffle: bool = True,
+) -> ad.AnnData:
+    """Raw NB counts of 4 cell types per library, with injected doublets and low-quality cells.
+
+    Libraries are deliberately unsorted and their cells interleaved (``shuffle``), so that the
+    merge order is tested. ``obs["kind"]`` is the truth: singlet, doublet, few_genes, high_mito.
+    """
+    rng = np.random.default_rng(seed)
+    n_types = 4
+    base = rng.gamma(0.6, 1.0, n_genes)
+    profiles = []
+    for _ in range(n_types):
+        profile = base.copy()
+        markers = rng.choice(np.arange(n_mt, n_genes), 25, replace=False)
+        profile[markers] *= rng.uniform(8, 20, 25)
+        profile[:n_mt] = 0.4
+        profiles.append(profile / profile.sum())
+    profiles = np.array(profiles)
+    blocks, frames = [], []
+    for library in libraries:
+        types = rng.integers(0, n_types, cells)
+        mu = profiles[types] * rng.lognormal(np.log(1500), 0.3, cells)[:, None]
+        kind = np.full(cells, "singlet", dtype=object)
+        order = rng.permutation(cells)
+        n_dbl, n_few, n_mito = (
+            round(r * cells) for r in (doublet_rate, few_genes_rate, high_mito_rate)
+        )
+        for i in order[:n_dbl]:
+            other = (types[i] + 1 + rng.integers(0, n_types - 1)) % n_types
+            mu[i] += profiles[other] * rng.lognormal(np.log(1500), 0.3)
+            kind[i] = "doublet"
+        for i in order[n_dbl : n_dbl + n_few]:
+            mu[i] = profiles[types[i]] * rng.uniform(60, 200)
+            kind[i] = "few_genes"
+        for i in order[n_dbl + n_few : n_dbl + n_few + n_mito]:
+            mito = profiles[types[i]].copy()
+            mito[:n_mt] *= 80
+            mu[i] = mito / mito.sum() * 1500
+            kind[i] = "high_mito"
+        counts = rng.negative_binomial(5, 5 / (5 + mu)).astype(np.float32)
+        blocks.append(counts)
+        frames.append(
+            pd.DataFrame(
+                {"batch": library, "kind": kind, "cell_type": [f"T{t}" for t in types]},
+                index=[f"{library}_C{j:04d}-1" for j in range(cells)],
+            )
+        )
+    x = np.vstack(blocks)
+    obs = pd.concat(frames)
+    obs["kind"] = pd.Categorical(
+        obs["kind"], categories=["singlet", "doublet", "few_genes", "high_mito", "unused"]
+    )
+    obs["cell_type"] = obs["cell_type"].astype("category")
+    obs["batch"] = obs["batch"].astype("category")
+    obs["n_counts"] = x.sum(axis=1) + 7.0  # upstream total over more genes: must be kept as is
+    obs["donor_age"] = rng.uniform(70, 95, len(obs))
+    symbols = [f"MT-G{i}" for i in range(n_mt)] + [f"GENE{i}" for i in range(n_mt, n_genes)]
+    var = pd.DataFrame(
+        {"ensembl_id": [f"ENSG{i:011d}" for i in range(n_genes)], "gene_symbol": symbols},
+        index=[f"ENSG{i:011d}" for i in range(n_genes)],
+    )
+    adata = ad.AnnData(X=sparse.csr_matrix(x), obs=obs, var=var)
+    adata.uns["source"] = {"release": 93}
+    if shuffle:
+        adata = adata[rng.permutation(adata.n_obs)].copy()
+    return adata
+
+
+def expected_pass(adata: ad.AnnData, settings: qc.QCSettings) -> tuple[np.ndarray, pd.DataFrame]:
+    """Direct numpy computation of the metrics and the cells passing the filters."""
+    dense = adata.X.toarray().astype(np.float64)
+    mt = adata.var["gene_symbol"].str.startswith("MT-").to_numpy()
+    total = dense.sum(axis=1)
+    frame = pd.DataFrame(
+        {
+            "n_genes": (dense > 0).sum(axis=1),
+            "total_counts": total,
+            "pct_counts_mt": np.where(
+                total > 0, 100 * dense[:, mt].sum(axis=1) / np.maximum(total, 1), 0.0
+            ),
+        },
+        index=adata.obs_names,
+    )
+    passed = (
+        (frame["n_genes"] >= settings.min_genes)
+        & (frame["total_counts"] >= settings.min_counts)
+        & (frame["pct_counts_mt"] <= settings.max_pct_mito)
+    ).to_numpy()
+    return passed, frame
+
+
+def sorted_order(adata: ad.AnnData) -> pd.Index:
+    """Cell names in the order the output must have: libraries sorted, input order within."""
+    libs = adata.obs["batch"].astype(str)
+    return pd.Index(
+        [name for lib in sorted(libs.unique()) for name in adata.obs_names[libs == lib]]
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("qc")
+    adata = make_adata()
+    path = root / "train.h5ad"
+    adata.write_h5ad(path)
+    result = qc.run_qc(path, root / "out.h5ad", batch_key="batch", settings=SETTINGS, split="train")
+    return {"root": root, "adata": adata, "path": path, "result": result, "out": root / "out.h5ad"}
+
+
+def test_metrics_match_numpy() -> None:
+    adata = make_adata(libraries=("L0",), cells=40, shuffle=False)
+    x = adata.X.tolil()
+    x[0, :] = 0  # a cell without counts gets pct 0, not NaN
+    x = x.tocsr()
+    x.data[x.indptr[1]] = 0  # a stored zero is not a detected gene
+    adata.X = x
+    assert x.nnz > np.count_nonzero(x.data)
+    _, want = expected_pass(adata, SETTINGS)
+    mito = qc.mito_genes(adata.var)
+    assert mito.sum() == N_MT
+    got = qc.compute_qc_metrics(adata.X, mito, index=adata.obs_names)
+    np.testing.assert_array_equal(got["n_genes"], want["n_genes"])
+    np.testing.assert_allclose(got["total_counts"], want["total_counts"])
+    np.testing.assert_allclose(got["pct_counts_mt"], want["pct_counts_mt"])
+    assert got.loc[adata.obs_names[0], "pct_counts_mt"] == 0
+    none = qc.compute_qc_metrics(adata.X, np.zeros(adata.n_vars, bool))
+    assert (none["pct_counts_mt"] == 0).all()
+
+
+def test_filters_remove_exactly_what_they_should(tmp_path: Path) -> None:
+    adata = make_adata(seed=1)
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    result = qc.run_qc(
+        path, tmp_path / "out.h5ad", batch_key="batch", settings=NO_SCRUBLET, split="val"
+    )
+    passed, metrics = expected_pass(adata, NO_SCRUBLET)
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert set(out.obs_names) == set(adata.obs_names[passed])
+    report = result.report
+    fails = {
+        "min_genes": metrics["n_genes"] < NO_SCRUBLET.min_genes,
+        "min_counts": metrics["total_counts"] < NO_SCRUBLET.min_counts,
+        "max_pct_mito": metrics["pct_counts_mt"] > NO_SCRUBLET.max_pct_mito,
+    }
+    for name, mask in fails.items():
+        assert report[f"fail_{name}"] == mask.sum() > 0
+    assert report["removed_by_filters"] == (~passed).sum()
+    assert sum(report["removed_sequential"].values()) == (~passed).sum()
+    assert report["removed_sequential"]["min_genes"] == fails["min_genes"].sum()
+    assert report["cells_in"] == adata.n_obs
+    assert report["cells_out"] == passed.sum() == out.n_obs
+    assert report["doublets_predicted"] == 0
+    assert report["libraries_scrubbed"] == 0
+    # Every injected low-quality cell is caught; no singlet is.
+    kind = adata.obs["kind"].to_numpy()
+    assert not passed[np.isin(kind, ["few_genes", "high_mito"])].any()
+    assert passed[kind == "singlet"].all()
+    per_library = pd.DataFrame(report["per_library"])
+    assert per_library["cells_in"].sum() == adata.n_obs
+    assert per_library["cells_out"].sum() == out.n_obs
+    np.testing.assert_allclose(out.obs["n_genes"], metrics.loc[out.obs_names, "n_genes"])
+    np.testing.assert_allclose(
+        out.obs["pct_counts_mt"], metrics.loc[out.obs_names, "pct_counts_mt"]
+    )
+
+
+def test_output_keeps_raw_counts_obs_var_uns_and_order(data: dict) -> None:
+    adata, out = data["adata"], ad.read_h5ad(data["out"])
+    assert sparse.isspmatrix_csr(out.X) and out.X.dtype == np.float32
+    assert np.array_equal(out.X.data, np.round(out.X.data))
+    want = adata[out.obs_names]
+    assert (out.X != want.X).nnz == 0
+    assert list(out.obs_names) == [n for n in sorted_order(adata) if n in set(out.obs_names)]
+    for column in adata.obs.columns:
+        assert out.obs[column].dtype == adata.obs[column].dtype, column
+        pd.testing.assert_series_equal(
+            out.obs[column], adata.obs.loc[out.obs_names, column], check_names=False
+        )
+    assert list(out.obs["kind"].cat.categories) == list(adata.obs["kind"].cat.categories)
+    pd.testing.assert_frame_equal(out.var, adata.var)
+    assert out.uns["source"]["release"] == 93
+    for column in qc.QC_COLUMNS:
+        assert column in out.obs.columns
+    assert not out.obs["predicted_doublet"].any()
+
+
+def test_scrublet_flags_injected_doublets(data: dict) -> None:
+    cells = data["result"].cells.join(data["adata"].obs[["kind"]])
+    scored = cells[cells["doublet_score"].notna()]
+    doublet = scored["kind"] == "doublet"
+    assert (
+        scored.loc[doublet, "doublet_score"].mean()
+        > 2 * scored.loc[~doublet, "doublet_score"].mean()
+    )
+    called = scored["predicted_doublet"]
+    recall = (called & doublet).sum() / doublet.sum()
+    precision = (called & doublet).sum() / max(called.sum(), 1)
+    assert recall > 0.5 and precision > 0.5, (recall, precision)
+    report = data["result"].report
+    assert report["doublets_predicted"] == called.sum()
+    assert report["libraries_scrubbed"] == 3
+    for row in report["per_library"]:
+        # The cap: an automatic threshold never calls more than 2 x expected rate of a library.
+        assert (
+            row["doublets_predicted"]
+            <= 2 * 0.045 * (row["cells_in"] - row["removed_by_filters"]) + 1
+        )
+
+
+def test_library_by_library_equals_each_library_alone(data: dict, tmp_path: Path) -> None:
+    adata, out = data["adata"], ad.read_h5ad(data["out"])
+    for library in ("L0", "L2"):
+        alone = adata[adata.obs["batch"] == library].copy()
+        path = tmp_path / f"{library}.h5ad"
+        alone.write_h5ad(path)
+        qc.run_qc(path, tmp_path / f"{library}_out.h5ad", batch_key="batch", settings=SETTINGS)
+        single = ad.read_h5ad(tmp_path / f"{library}_out.h5ad")
+        part = out[out.obs["batch"] == library]
+        assert list(single.obs_names) == list(part.obs_names)
+        assert (single.X != part.X).nnz == 0
+        np.testing.assert_array_equal(single.obs["doublet_score"], part.obs["doublet_score"])
+
+
+def test_output_is_byte_deterministic(data: dict) -> None:
+    again = data["root"] / "again.h5ad"
+    result = qc.run_qc(data["path"], again, batch_key="batch", settings=SETTINGS, split="train")
+    assert again.read_bytes() == data["out"].read_bytes()
+    assert result.report == data["result"].report
+
+
+def test_missing_batch_column_names_file_column_and_fix(data: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out.h5ad"
+    with pytest.raises(
+        ValueError,
+        match=r"train\.h5ad: obs lacks the library column 'library'.*data\.columns\.batch",
+    ):
+        qc.run_qc(data["path"], out, batch_key="library", settings=SETTINGS)
+    assert not out.exists()
+
+
+def test_non_raw_counts_are_refused(tmp_path: Path) -> None:
+    adata = make_adata(libraries=("L0",), cells=30)
+    adata.X = adata.X.log1p()
+    path = tmp_path / "lognorm.h5ad"
+    adata.write_h5ad(path)
+    with pytest.raises(ValueError, match=r"lognorm\.h5ad: X holds non-integer values"):
+        qc.run_qc(path, tmp_path / "out.h5ad", batch_key="batch", settings=SETTINGS)
+    assert not (tmp_path / "out.h5ad").exists()
+
+
+def test_all_cells_filtered_is_a_clear_error(data: dict, tmp_path: Path) -> None:
+    strict = qc.QCSettings(min_genes=100_000, min_counts=300, max_pct_mito=10.0, scrublet=False)
+    out = tmp_path / "test.h5ad"
+    with pytest.raises(
+        ValueError, match=r"split 'test' kept no cell of 450: min_genes=100000, min_counts=300"
+    ):
+        qc.run_qc(data["path"], out, batch_key="batch", settings=strict, split="test")
+    assert not out.exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_small_libraries_skip_scrublet_and_missing_mito_is_reported(tmp_path: Path) -> None:
+    adata = make_adata(libraries=("A", "B"), cells=60, n_mt=0, high_mito_rate=0.0)
+    path = tmp_path / "in.h5ad"
+    adata.write_h5ad(path)
+    result = qc.run_qc(path, tmp_path / "out.h5ad", batch_key="batch", settings=SETTINGS)
+    report = result.report
+    assert report["libraries_scrublet_skipped"] == 2 and report["libraries_scrubbed"] == 0
+    assert report["cells_scrublet_skipped"] == report["cells_out"]
+    assert report["mito_genes"] == 0 and "MT-" in report["mito_warning"]
+    assert report["fail_max_pct_mito"] == 0
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert out.obs["doublet_score"].isna().all() and not out.obs["predicted_doublet"].any()
+    assert (out.obs["pct_counts_mt"] == 0).all()
+    qc.write_reports(result, report=tmp_path / "r.json", plots=tmp_path / "plots")
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert [row["doublet_threshold"] for row in written["per_library"]] == [None, None]
+
+
+def test_threshold_rules() -> None:
+    rng = np.random.default_rng(0)
+    bimodal = np.concatenate([rng.normal(0.05, 0.01, 2000), rng.normal(0.4, 0.05, 1000)])
+    thr = qc.threshold_minimum(bimodal)
+    assert 0.08 < thr < 0.3
+    assert 0.08 < qc.threshold_otsu(bimodal) < 0.3
+    assert qc.threshold_minimum(np.full(10, 0.2)) is None
+    obs = rng.normal(0.05, 0.01, 1000)
+    assert qc.choose_doublet_threshold(bimodal, obs, max_fraction=0.09) == (thr, "minimum")
+    # A threshold inside the singlet mode would call half the cells: the cap raises it.
+    low_obs = rng.uniform(0, 1, 1000)
+    capped, rule = qc.choose_doublet_threshold(bimodal, low_obs, max_fraction=0.09)
+    assert rule == "minimum+capped" and (low_obs > capped).mean() <= 0.09
+    assert qc.choose_doublet_threshold(bimodal, obs, max_fraction=0.09, threshold=0.3) == (
+        0.3,
+        "fixed",
+    )
+    assert qc.choose_doublet_threshold(np.full(5, 0.1), obs, max_fraction=0.09) == (1.0, "none")
+
+
+def load_stage(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", STAGES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stage_script_end_to_end(data: dict, tmp_path: Path) -> None:
+    split_dir = tmp_path / "data/interim/split"
+    split_dir.mkdir(parents=True)
+    (split_dir / "val.h5ad").write_bytes(data["path"].read_bytes())
+    params = {
+        "seed": 0,
+        "paths": {
+            "split": str(split_dir),
+            "qc": str(tmp_path / "data/interim/qc"),
+            "reports": str(tmp_path / "reports"),
+        },
+        "data": {"columns": {"batch": "batch"}},
+        "qc": {
+            "min_genes": 100,
+            "min_counts": 300,
+            "max_pct_mito": 10.0,
+            "scrublet": {
+                "enabled": True,
+                "expected_doublet_rate": 0.045,
+                "n_prin_comps": 20,
+                "min_cells_per_library": 100,
+            },
+        },
+    }
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(params))
+    load_stage("qc").main(["--params", str(params_path), "--split", "val"])
+    out = tmp_path / "data/interim/qc/val.h5ad"
+    assert out.read_bytes() == data["out"].read_bytes()
+    report = json.loads((tmp_path / "reports/qc/val.json").read_text())
+    assert report["cells_out"] == data["result"].report["cells_out"]
+    assert report["split"] == "val"
+    for name in ("qc_distributions.png", "doublet_scores.png", "libraries.tsv"):
+        assert (tmp_path / "reports/qc/val" / name).stat().st_size > 0
+    libraries = pd.read_csv(tmp_path / "reports/qc/val/libraries.tsv", sep="\t")
+    assert list(libraries["library"]) == ["L0", "L1", "L2"]
