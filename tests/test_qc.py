@@ -308,9 +308,13 @@ def test_small_libraries_skip_scrublet_and_missing_mito_is_reported(tmp_path: Pa
     out = ad.read_h5ad(tmp_path / "out.h5ad")
     assert out.obs["doublet_score"].isna().all() and not out.obs["predicted_doublet"].any()
     assert (out.obs["pct_counts_mt"] == 0).all()
-    qc.write_reports(result, report=tmp_path / "r.json", plots=tmp_path / "plots")
+    qc.write_reports(
+        result, report=tmp_path / "r.json", plots=tmp_path / "plots", cells=tmp_path / "c.tsv"
+    )
     written = json.loads((tmp_path / "r.json").read_text())
     assert [row["doublet_threshold"] for row in written["per_library"]] == [None, None]
+    cells = pd.read_csv(tmp_path / "c.tsv", sep="\t", index_col=0)
+    assert len(cells) == report["cells_in"] and cells["kept"].sum() == report["cells_out"]
 
 
 def test_threshold_rules() -> None:

@@ -925,10 +925,17 @@ def plot_doublet_scores(result: QCResult) -> Any:
     return fig
 
 
-def write_reports(result: QCResult, *, report: str | Path, plots: str | Path) -> None:
-    """Write the JSON report, the per-library TSV and the two PNGs."""
+def write_reports(
+    result: QCResult, *, report: str | Path, plots: str | Path, cells: str | Path
+) -> None:
+    """Write the JSON report, the per-library TSV, the two PNGs and the per-cell table.
+
+    The per-cell table lists every input cell with its metrics, the filters it failed, its
+    doublet score and call, and whether it was kept, so no removal goes unrecorded.
+    """
     plots = Path(plots)
     io.write_json(result.report, report)
+    io.write_tsv(result.cells, cells, index=True)
     io.write_tsv(result.libraries, plots / "libraries.tsv")
     io.save_figure(plot_qc_distributions(result), plots / "qc_distributions.png")
     io.save_figure(plot_doublet_scores(result), plots / "doublet_scores.png")

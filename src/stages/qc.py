@@ -1,6 +1,7 @@
 """Stage qc@{split}: per-cell metrics, threshold filters and Scrublet doublets, per library.
 
-Reads ${paths.split}/{split}.h5ad; writes ${paths.qc}/{split}.h5ad, ${paths.reports}/qc/{split}.json
+Reads ${paths.split}/{split}.h5ad; writes ${paths.qc}/{split}.h5ad, ${paths.reports}/qc/{split}.json,
+${paths.qc}/{split}_cells.tsv (every input cell and its fate)
 and, under ${paths.reports}/qc/{split}/, qc_distributions.png, doublet_scores.png and libraries.tsv.
 """
 
@@ -43,7 +44,12 @@ def main(argv: list[str] | None = None) -> None:
         settings=settings,
         split=args.split,
     )
-    qc.write_reports(result, report=reports / f"{args.split}.json", plots=reports / args.split)
+    qc.write_reports(
+        result,
+        report=reports / f"{args.split}.json",
+        plots=reports / args.split,
+        cells=Path(get(params, "paths.qc")) / f"{args.split}_cells.tsv",
+    )
 
 
 if __name__ == "__main__":
