@@ -12,6 +12,8 @@ import pytest
 import yaml
 from dvc_repo import dvc, stages_run, tiny_repo
 
+from rosmap_geneformer import genes, truth
+
 pytestmark = pytest.mark.pipeline
 
 DATA_STAGES = {"demo_data", "gene_map", "convert_genes", "split"}
@@ -49,14 +51,21 @@ def test_outputs_follow_the_data_contract(repo: Path) -> None:
         assert set(adata.obs["patient_id"]) <= set(split_report[split]["patients"])
 
 
-def test_qc_removes_injected_low_quality_cells(repo: Path) -> None:
-    truth = pd.read_csv(repo / "data/raw/demo/truth/cells.tsv", sep="\t")
-    kept = set()
-    for split in ("train", "val", "test"):
-        kept |= set(ad.read_h5ad(repo / "data/interim/qc" / f"{split}.h5ad", backed="r").obs_names)
-    low_quality = truth.loc[truth["is_low_quality"].astype(bool), "cell"]
-    removed = 1 - low_quality.isin(kept).mean()
-    assert removed >= 0.9, f"QC removed only {removed:.0%} of injected low-quality cells"
+def test_qc_and_gene_mapping_recover_the_planted_truth(repo: Path) -> None:
+    tables = truth.read_truth(repo / "data/raw/demo/truth")
+    cells = pd.concat(
+        pd.read_csv(repo / "data/interim/qc" / f"{s}_cells.tsv", sep="\t", index_col=0)
+        for s in ("train", "val", "test")
+    )
+    qc = truth.qc_against_truth(cells, tables["cells"])
+    assert qc["low_quality_removed_fraction"] >= 0.9
+    doublet_share = qc["doublets_injected"] / len(cells)
+    assert qc["scrublet_precision"] > 3 * doublet_share, "doublet calls no better than chance"
+    mapping = truth.mapping_against_truth(
+        tables["genes"], genes.read_gene_map(repo / "data/reference/gene_map.tsv")
+    )
+    assert mapping["mappable_recovered_fraction"] >= 0.99
+    assert mapping["unmappable_wrongly_mapped"] == 0
     report = json.loads((repo / "reports/qc/train.json").read_text())
     assert report["cells_in"] > report["cells_out"] > 0
 
