@@ -1,0 +1,47 @@
+"""Stage tokenize@{split}: rank-value encode one sampled split into a Geneformer dataset.
+
+Reads ``${paths.sampled}/{split}.h5ad`` and the dictionaries in ``${paths.dictionaries}``, writes
+``${paths.tokenized}/{split}.dataset`` (``datasets`` save_to_disk layout) and the metrics
+``${paths.reports}/tokenize/{split}.json`` (cells dropped, vocabulary coverage, lengths).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rosmap_geneformer import io
+from rosmap_geneformer.dictionaries import (
+    GENE_MEDIAN_DICTIONARY_FILE,
+    TOKEN_DICTIONARY_FILE,
+    load_dictionaries,
+)
+from rosmap_geneformer.logs import setup_logging
+from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.tokenizer import default_nproc, tokenize_h5ad
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, params = stage_arguments(argv, description=__doc__, with_split=True)
+    setup_logging()
+    dictionary_dir = Path(get(params, "paths.dictionaries"))
+    dictionaries = load_dictionaries(
+        dictionary_dir / TOKEN_DICTIONARY_FILE, dictionary_dir / GENE_MEDIAN_DICTIONARY_FILE
+    )
+    nproc = get(params, "tokenize.nproc")
+    report = tokenize_h5ad(
+        Path(get(params, "paths.sampled")) / f"{args.split}.h5ad",
+        Path(get(params, "paths.tokenized")) / f"{args.split}.dataset",
+        dictionaries=dictionaries,
+        model_input_size=int(get(params, "tokenize.model_input_size")),
+        special_tokens=bool(get(params, "tokenize.special_tokens")),
+        columns=list(get(params, "tokenize.columns")),
+        chunk_size=int(get(params, "tokenize.chunk_size")),
+        nproc=default_nproc() if nproc == "auto" else int(nproc),
+    )
+    report["split"] = args.split
+    report["dictionary_layout"] = dictionaries.layout
+    io.write_json(report, Path(get(params, "paths.reports")) / "tokenize" / f"{args.split}.json")
+
+
+if __name__ == "__main__":
+    main()
