@@ -1,0 +1,60 @@
+"""Stage train@{task}: fine-tune the base model on one task, with early stopping on val.
+
+Runs on one process (`python src/stages/train.py --task cell_type`) or several, unchanged
+(`torchrun --nproc_per_node 2 src/stages/train.py --task cell_type`). Rerunning an interrupted
+run with the same params and data resumes from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import datasets
+
+from rosmap_geneformer import training
+from rosmap_geneformer.logs import setup_logging
+from rosmap_geneformer.params import DEFAULT_PARAMS, get, load_params
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="parameter file")
+    parser.add_argument("--task", required=True, help="a key of params.yaml: tasks")
+    args = parser.parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    tasks = get(params, "tasks")
+    if args.task not in tasks:
+        msg = f"params.yaml: no task {args.task!r} under tasks; known: {sorted(tasks)}."
+        raise ValueError(msg)
+    task = training.TaskSpec.from_params(args.task, tasks[args.task])
+    hyper = training.Hyperparameters.from_params(get(params, "train"))
+    seed = int(get(params, "seed"))
+
+    tokenized = Path(get(params, "paths.tokenized"))
+    base_model = Path(get(params, "paths.base_model"))
+    train_path, val_path = tokenized / "train.dataset", tokenized / "val.dataset"
+    run = {
+        "task": tasks[args.task],
+        "train": get(params, "train"),
+        "seed": seed,
+        "data": {p.name: training.directory_digest(p) for p in (train_path, val_path)},
+        "base_model": training.directory_digest(base_model),
+    }
+    training.fine_tune(
+        task=task,
+        train=datasets.load_from_disk(str(train_path)),
+        val=datasets.load_from_disk(str(val_path)),
+        base_model=base_model,
+        output_dir=Path(get(params, "paths.finetuned")) / args.task,
+        checkpoint_dir=Path(get(params, "paths.checkpoints")) / args.task,
+        live_dir=Path(get(params, "paths.dvclive")) / "train" / args.task,
+        hyper=hyper,
+        seed=seed,
+        run_fingerprint=training.fingerprint(run),
+    )
+
+
+if __name__ == "__main__":
+    main()
