@@ -20,6 +20,18 @@ TINY_PARAMS: dict[str, Any] = {
     "demo": {"n_donors": 12, "cells_per_donor": 70, "n_genes": 500},
     "qc": {"scrublet": {"min_cells_per_library": 40}},
     "sample": {"max_cells_per_patient_cell_type": 20, "max_cells_per_class": 200},
+    "tokenize": {"model_input_size": 64, "nproc": 1},
+    "base_model": {
+        "architecture": {
+            "num_hidden_layers": 2,
+            "hidden_size": 32,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+        "pretrain": {"epochs": 1, "batch_size": 16, "logging_steps": 5},
+    },
+    "train": {"epochs": 2, "batch_size": 16, "learning_rate": 1.0e-3},
+    "evaluate": {"n_boot": 50},
 }
 
 
