@@ -153,6 +153,24 @@ def read_table(
     return frame
 
 
+def read_dataset(path: str | Path) -> Any:
+    """Load a ``save_to_disk`` dataset without ever writing into its folder.
+
+    ``datasets`` caches the results of ``select``/``map`` as files beside the dataset's own
+    Arrow files. In a pipeline that folder is a DVC output of another stage: a cache file
+    there would change its hash and make DVC rerun everything downstream. Caching is turned
+    off for the process, so such results go to temporary folders instead.
+    """
+    import datasets
+
+    path = Path(path)
+    if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+        msg = f"{path}: not a saved dataset. Run the stage that writes it (`dvc repro`)."
+        raise FileNotFoundError(msg)
+    datasets.disable_caching()
+    return datasets.load_from_disk(str(path))
+
+
 def _iter_blocks(matrix: Any, n_rows: int) -> Iterator[Any]:
     for start in range(0, n_rows, _CHECK_ROWS):
         yield matrix[start : min(start + _CHECK_ROWS, n_rows)]

@@ -29,6 +29,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.trainer_utils import SchedulerType
 
 from rosmap_geneformer.modeling import GeneformerTrainer, select_device
 
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 LABEL_MAPPING_FILE = "label_mapping.json"
 FINGERPRINT_FILE = "fingerprint.json"
 EARLY_STOPPING_METRICS = ("macro_f1", "patient_auroc")
+SCHEDULERS = tuple(s.value for s in SchedulerType)
 
 
 @dataclass(kw_only=True)
@@ -391,19 +393,35 @@ class Hyperparameters:
         if bad:
             msg = f"params.yaml: train.{bad[0]}={getattr(hyper, bad[0])!r} is out of range."
             raise ValueError(msg)
+        if hyper.lr_scheduler_type not in SCHEDULERS:
+            msg = (
+                f"params.yaml: train.lr_scheduler_type={hyper.lr_scheduler_type!r} is not a "
+                f"transformers scheduler; use one of {list(SCHEDULERS)}."
+            )
+            raise ValueError(msg)
         return hyper
 
 
 def training_arguments(
-    hyper: Hyperparameters, *, output_dir: Path, metric: str, seed: int, n_train: int
+    hyper: Hyperparameters,
+    *,
+    output_dir: Path,
+    metric: str,
+    seed: int,
+    n_train: int,
+    save_checkpoints: bool = True,
 ) -> TrainingArguments:
     """``TrainingArguments`` for one fine-tuning run: epoch-wise eval and checkpoints, best model
-    by ``metric``, length-grouped batches, bf16 on CUDA and the CPU otherwise."""
+    by ``metric``, length-grouped batches, bf16 on CUDA and the CPU otherwise.
+
+    With ``save_checkpoints=False`` (hyperparameter search) nothing is saved and the best model
+    is not reloaded at the end; the training itself and ``state.best_metric`` are unchanged.
+    """
     steps_per_epoch = max(1, n_train // (hyper.batch_size * hyper.gradient_accumulation_steps))
     return TrainingArguments(
         output_dir=str(output_dir),
         eval_strategy="epoch",
-        save_strategy="epoch",
+        save_strategy="epoch" if save_checkpoints else "no",
         logging_strategy="steps",
         logging_steps=max(1, steps_per_epoch // 10),
         learning_rate=hyper.learning_rate,
@@ -414,10 +432,10 @@ def training_arguments(
         warmup_steps=hyper.warmup_ratio,
         weight_decay=hyper.weight_decay,
         lr_scheduler_type=hyper.lr_scheduler_type,
-        load_best_model_at_end=True,
+        load_best_model_at_end=save_checkpoints,
         metric_for_best_model=metric,
         greater_is_better=True,
-        save_total_limit=2,
+        save_total_limit=2 if save_checkpoints else None,
         seed=seed,
         data_seed=seed,
         train_sampling_strategy="group_by_length",
@@ -426,6 +444,75 @@ def training_arguments(
         report_to="none",
         dataloader_num_workers=0,
         **select_device().training_arguments(),
+    )
+
+
+
+def check_task_metric(prepared: PreparedTask, task: TaskSpec) -> str:
+    """The task's validation metric, after checking that ``val`` can define it."""
+    metric = str(task.early_stopping_metric)
+    if metric == "patient_auroc":
+        if len(prepared.classes) != 2:
+            msg = f"task {task.name}: patient_auroc needs two classes, got {prepared.classes}."
+            raise ValueError(msg)
+        if len(set(prepared.val["label"])) < 2:
+            msg = (
+                f"task {task.name}: val lacks one of {prepared.classes}; patient AUROC is "
+                "undefined."
+            )
+            raise ValueError(msg)
+    return metric
+
+
+def build_trainer(
+    *,
+    task: TaskSpec,
+    prepared: PreparedTask,
+    base_model: str | Path,
+    hyper: Hyperparameters,
+    args: TrainingArguments,
+    seed: int,
+    callbacks: Sequence[Any] = (),
+) -> CellTrainer:
+    """A :class:`CellTrainer` for one run: the classifier initialised from ``base_model`` with
+    ``seed``, ``hyper.freeze_layers`` frozen, early stopping, class weights and the task's metrics.
+
+    Used by :func:`fine_tune` and by the hyperparameter search, so that a trial and a ``train``
+    run with the same hyperparameters and seed train identically.
+    """
+    from transformers import set_seed
+
+    classes = prepared.classes
+    # The classifier head is initialised from the torch RNG: seed it right before.
+    set_seed(seed)
+    model = BertForSequenceClassification.from_pretrained(
+        str(base_model),
+        num_labels=len(classes),
+        id2label=dict(enumerate(classes)),
+        label2id={c: i for i, c in enumerate(classes)},
+        attn_implementation="sdpa",
+    )
+    freeze_layers(model, hyper.freeze_layers)
+    columns = ["input_ids", "length", "label"]
+    train_ds = prepared.train.select_columns(columns)
+    val_ds = prepared.val.select_columns(columns)
+    return CellTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=ClassificationCollator(pad_token_id=model.config.pad_token_id or 0),
+        compute_metrics=make_compute_metrics(
+            patient_ids=prepared.val["patient_id"] if task.patient_level else None,
+            n_classes=len(classes),
+        ),
+        callbacks=[
+            EarlyStoppingCallback(early_stopping_patience=hyper.early_stopping_patience),
+            *callbacks,
+        ],
+        loss_weights=class_weights(train_ds["label"], len(classes))
+        if hyper.class_weights
+        else None,
     )
 
 
@@ -460,55 +547,28 @@ def fine_tune(
     set_seed(seed)
     prepared = prepare_task(train, val, task)
     classes = prepared.classes
-    metric = str(task.early_stopping_metric)
-    if metric == "patient_auroc":
-        if len(classes) != 2:
-            msg = f"task {task.name}: patient_auroc needs two classes, got {classes}."
-            raise ValueError(msg)
-        if len(set(prepared.val["label"])) < 2:
-            msg = f"task {task.name}: val lacks one of {classes}; patient AUROC is undefined."
-            raise ValueError(msg)
-    model = BertForSequenceClassification.from_pretrained(
-        str(base_model),
-        num_labels=len(classes),
-        id2label=dict(enumerate(classes)),
-        label2id={c: i for i, c in enumerate(classes)},
-        attn_implementation="sdpa",
-    )
-    freeze_layers(model, hyper.freeze_layers)
-    columns = ["input_ids", "length", "label"]
-    train_ds = prepared.train.select_columns(columns)
-    val_ds = prepared.val.select_columns(columns)
-
+    metric = check_task_metric(prepared, task)
     checkpoint_dir = Path(checkpoint_dir)
     args = training_arguments(
-        hyper, output_dir=checkpoint_dir, metric=metric, seed=seed, n_train=len(train_ds)
+        hyper, output_dir=checkpoint_dir, metric=metric, seed=seed, n_train=len(prepared.train)
     )
     resume = (
         prepare_checkpoint_dir(checkpoint_dir, run_fingerprint)
         if args.process_index == 0
         else False
     )
-    callbacks: list[Any] = [
-        EarlyStoppingCallback(early_stopping_patience=hyper.early_stopping_patience)
-    ]
+    callbacks: list[Any] = []
     if live_dir is not None and args.process_index == 0:
         live = Live(str(live_dir), dvcyaml=None, report=None, save_dvc_exp=False, resume=resume)
         callbacks.append(DVCLiveCallback(live=live, log_model=False))
-    trainer = CellTrainer(
-        model=model,
+    trainer = build_trainer(
+        task=task,
+        prepared=prepared,
+        base_model=base_model,
+        hyper=hyper,
         args=args,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        data_collator=ClassificationCollator(pad_token_id=model.config.pad_token_id or 0),
-        compute_metrics=make_compute_metrics(
-            patient_ids=prepared.val["patient_id"] if task.patient_level else None,
-            n_classes=len(classes),
-        ),
+        seed=seed,
         callbacks=callbacks,
-        loss_weights=class_weights(train_ds["label"], len(classes))
-        if hyper.class_weights
-        else None,
     )
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     final = trainer.evaluate()
@@ -525,6 +585,8 @@ def fine_tune(
     }
     if trainer.is_world_process_zero():
         save_model(trainer.model, output_dir, classes=classes, task=task, summary=summary)
+        # The run is complete: its checkpoints would only let a later rerun "resume" at the end.
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return summary
 
 

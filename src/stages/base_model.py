@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import datasets
-
-from rosmap_geneformer import modeling
+from rosmap_geneformer import io, modeling
 from rosmap_geneformer.dictionaries import (
     GENE_MEDIAN_DICTIONARY_FILE,
     TOKEN_DICTIONARY_FILE,
@@ -45,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     if not train_path.is_dir():
         msg = f"{train_path}: tokenized train dataset not found. Run `dvc repro tokenize@train`."
         raise FileNotFoundError(msg)
-    train = datasets.load_from_disk(str(train_path))
+    train = io.read_dataset(train_path)
     model_input_size = int(get(params, "tokenize.model_input_size"))
     settings = modeling.PretrainSettings.from_params(get(params, "base_model.pretrain"))
     output_dir = Path(get(params, "paths.base_model"))

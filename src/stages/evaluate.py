@@ -7,9 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-import datasets
-
-from rosmap_geneformer import evaluation, training
+from rosmap_geneformer import evaluation, io, training
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import DEFAULT_PARAMS, get, load_params
 
@@ -30,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 
     test_path = Path(get(params, "paths.tokenized")) / "test.dataset"
     test, other_types = training.select_cells(
-        datasets.load_from_disk(str(test_path)), task, source=str(test_path)
+        io.read_dataset(test_path), task, source=str(test_path)
     )
     n_selected = len(test)
     test = training.encode_labels(test, task, classes)

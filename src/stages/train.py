@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import datasets
-
-from rosmap_geneformer import training
+from rosmap_geneformer import io, training
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import DEFAULT_PARAMS, get, load_params
 
@@ -44,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     training.fine_tune(
         task=task,
-        train=datasets.load_from_disk(str(train_path)),
-        val=datasets.load_from_disk(str(val_path)),
+        train=io.read_dataset(train_path),
+        val=io.read_dataset(val_path),
         base_model=base_model,
         output_dir=Path(get(params, "paths.finetuned")) / args.task,
         checkpoint_dir=Path(get(params, "paths.checkpoints")) / args.task,
