@@ -75,6 +75,14 @@ def test_metrics_are_visible_to_dvc(repo: Path) -> None:
     assert "mapping.json" in shown and "split.json" in shown
 
 
+def test_report_names_the_metric_files_it_read(repo: Path) -> None:
+    page = (repo / "reports/index.html").read_text()
+    for task in ("cell_type", "disease"):
+        assert f"<code>reports/eval/{task}/metrics.json</code>" in page
+    assert "<code>reports/genes/mapping.json</code>" in page
+    assert 'class="missing"' not in page.split('id="metrics"')[1].split("</section>")[0]
+
+
 def test_second_repro_is_a_no_op(repo: Path) -> None:
     proc = dvc("repro", cwd=repo)
     assert stages_run(proc.stdout) == set()

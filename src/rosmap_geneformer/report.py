@@ -1,0 +1,444 @@
+"""One self-contained HTML page that summarises a pipeline run.
+
+Every number on the page is read from a stage output (JSON, TSV or dvclive files) and every figure
+is a PNG written by a stage or drawn here from dvclive's curves; images are embedded as base64, so
+the page can be mailed or archived on its own. The page lists every file it read.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io as _io
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from rosmap_geneformer.params import SPLITS
+
+logger = logging.getLogger(__name__)
+
+SECTIONS = (
+    ("funnel", "Data funnel"),
+    ("genes", "Gene mapping"),
+    ("splits", "Patient-level splits"),
+    ("qc", "Quality control"),
+    ("training", "Training curves"),
+    ("metrics", "Test metrics: fine-tuned Geneformer against the baseline"),
+    ("confusion", "Confusion matrices and patient predictions"),
+    ("embeddings", "Embeddings"),
+    ("perturbation", "In silico perturbation"),
+    ("network", "Gene regulatory network"),
+    ("files", "Files read"),
+)
+
+
+@dataclass
+class ReportBuilder:
+    """Collects sections from the stage outputs below ``root`` and remembers what it read.
+
+    Parameters
+    ----------
+    paths
+        ``params.yaml: paths`` (reports, dvclive, ...), relative to ``root``.
+    tasks
+        Task names (``params.yaml: tasks``).
+    root
+        The project root.
+    """
+
+    paths: Mapping[str, str]
+    tasks: Sequence[str]
+    root: Path = Path()
+    files_read: list[str] = field(default_factory=list)
+    sections: dict[str, str] = field(default_factory=dict)
+
+    # -- reading ---------------------------------------------------------------------------
+    def _path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def _note(self, path: Path) -> None:
+        relative = path.relative_to(self.root).as_posix() if path.is_absolute() else path.as_posix()
+        if relative not in self.files_read:
+            self.files_read.append(relative)
+
+    def json(self, path: Path) -> dict[str, Any] | None:
+        """A JSON file's content, or ``None`` when the stage has not run."""
+        if not path.is_file():
+            return None
+        self._note(path)
+        return json.loads(path.read_text())
+
+    def tsv(self, path: Path) -> pd.DataFrame | None:
+        """A TSV file's content, or ``None`` when the stage has not run."""
+        if not path.is_file():
+            return None
+        self._note(path)
+        return pd.read_csv(path, sep="\t")
+
+    def image(self, path: Path, *, alt: str) -> str:
+        """An ``<img>`` with the PNG embedded, or a note that it is missing."""
+        if not path.is_file():
+            return f'<p class="missing">Not available: {html.escape(path.as_posix())}</p>'
+        self._note(path)
+        return _img(path.read_bytes(), alt=alt)
+
+    # -- sections --------------------------------------------------------------------------
+    def build(self) -> str:
+        """Collect every section and render the page."""
+        reports = Path(self.paths["reports"])
+        self.sections["funnel"] = self._funnel(reports)
+        self.sections["genes"] = self._genes(reports)
+        self.sections["splits"] = self._splits(reports)
+        self.sections["qc"] = self._qc(reports)
+        self.sections["training"] = self._training(Path(self.paths["dvclive"]))
+        self.sections["metrics"] = self._metrics(reports)
+        self.sections["confusion"] = self._confusion(reports)
+        self.sections["embeddings"] = self._embeddings(reports)
+        self.sections["perturbation"] = self._perturbation(reports)
+        self.sections["network"] = self._network(reports)
+        self.sections["files"] = _list(self.files_read)
+        return render_page(self.sections)
+
+    def _funnel(self, reports: Path) -> str:
+        mapping = self.json(self._path(str(reports), "genes", "mapping.json")) or {}
+        split = self.json(self._path(str(reports), "split.json")) or {}
+        rows: list[dict[str, Any]] = []
+        if mapping:
+            rows.append(
+                {
+                    "stage": "raw counts",
+                    "genes": mapping.get("genes_total"),
+                    "total": mapping.get("cells"),
+                }
+            )
+            rows.append(
+                {
+                    "stage": "convert_genes",
+                    "genes": mapping.get("genes_output"),
+                    "total": mapping.get("cells"),
+                }
+            )
+        if split:
+            row = {"stage": "split", "genes": mapping.get("genes_output")}
+            row |= {s: split.get(s, {}).get("n_cells") for s in SPLITS}
+            rows.append(row)
+        for stage, folder, key in (
+            ("qc", "qc", "cells_out"),
+            ("annotate", "annotate", "cells_out"),
+        ):
+            row = {"stage": stage}
+            for s in SPLITS:
+                content = self.json(self._path(str(reports), folder, f"{s}.json"))
+                row[s] = None if content is None else content.get(key)
+            rows.append(row)
+        sample = self.json(self._path(str(reports), "sample.json")) or {}
+        rows.append({"stage": "sample", **{s: sample.get(s, {}).get("cells_out") for s in SPLITS}})
+        row = {"stage": "tokenize"}
+        for s in SPLITS:
+            content = self.json(self._path(str(reports), "tokenize", f"{s}.json"))
+            row[s] = None if content is None else content["cells"]["tokenized"]
+            if content is not None:
+                row["genes"] = content["genes"]["genes_in_vocabulary"]
+        rows.append(row)
+        frame = pd.DataFrame(rows, columns=["stage", "genes", *SPLITS, "total"])
+        per_split = frame[list(SPLITS)].apply(pd.to_numeric, errors="coerce")
+        frame["total"] = frame["total"].where(
+            frame["total"].notna(), per_split.sum(axis=1, min_count=1)
+        )
+        return "<p>Cells (and genes) left after each stage.</p>" + _table(frame)
+
+    def _genes(self, reports: Path) -> str:
+        mapping = self.json(self._path(str(reports), "genes", "mapping.json"))
+        if mapping is None:
+            return _missing("convert_genes")
+        flat = {k: v for k, v in mapping.items() if not isinstance(v, dict)}
+        flat |= {f"matched by {k}": v for k, v in mapping.get("match_kind", {}).items()}
+        body = _key_values(flat)
+        lost = self.tsv(self._path(str(reports), "genes", "lost_genes.tsv"))
+        if lost is not None and len(lost):
+            body += f"<p>{len(lost)} symbols lost; the costliest:</p>" + _table(lost.head(10))
+        return body
+
+    def _splits(self, reports: Path) -> str:
+        split = self.json(self._path(str(reports), "split.json"))
+        if split is None:
+            return _missing("split")
+        rows = []
+        for s in SPLITS:
+            part = split.get(s, {})
+            rows.append(
+                {
+                    "split": s,
+                    "patients": part.get("n_patients"),
+                    **{
+                        f"patients {k}": v
+                        for k, v in part.get("patients_per_ad_status", {}).items()
+                    },
+                    "cells": part.get("n_cells"),
+                    **{f"cells {k}": v for k, v in part.get("cells_per_ad_status", {}).items()},
+                }
+            )
+        balance = split.get("balance_pvalues", {})
+        note = ", ".join(f"{k}: p = {v:.3g}" for k, v in balance.items())
+        return _table(pd.DataFrame(rows)) + (
+            f"<p>Covariate balance across splits: {note}.</p>" if note else ""
+        )
+
+    def _qc(self, reports: Path) -> str:
+        rows, images = [], []
+        keys = (
+            "cells_in",
+            "removed_by_filters",
+            "doublets_predicted",
+            "cells_out",
+            "libraries_scrublet_skipped",
+        )
+        for s in SPLITS:
+            content = self.json(self._path(str(reports), "qc", f"{s}.json"))
+            if content is not None:
+                rows.append({"split": s, **{k: content.get(k) for k in keys}})
+            for name in ("qc_distributions.png", "doublet_scores.png"):
+                images.append(
+                    self.image(self._path(str(reports), "qc", s, name), alt=f"QC {s} {name}")
+                )
+        if not rows:
+            return _missing("qc")
+        return _table(pd.DataFrame(rows)) + "".join(images)
+
+    def _training(self, dvclive: Path) -> str:
+        parts = []
+        for name in ["base_model", *(f"train/{t}" for t in self.tasks)]:
+            metrics_dir = self._path(str(dvclive), *name.split("/"), "plots", "metrics")
+            curves = {}
+            for tsv in sorted(metrics_dir.rglob("*.tsv")) if metrics_dir.is_dir() else []:
+                key = tsv.relative_to(metrics_dir).with_suffix("").as_posix()
+                if key.startswith("eval/") or key in ("loss", "train/loss"):
+                    curves[key] = self.tsv(tsv)
+            if curves:
+                parts.append(
+                    f"<h3>{html.escape(name)}</h3>"
+                    + _img(_plot_curves(curves, title=name), alt=f"{name} curves")
+                )
+        return "".join(parts) or _missing("base_model / train")
+
+    def _metrics(self, reports: Path) -> str:
+        rows = []
+        for task in self.tasks:
+            tuned = self.json(self._path(str(reports), "eval", task, "metrics.json"))
+            base = self.json(self._path(str(reports), "baseline", task, "metrics.json"))
+            for level in ("cell", "patient"):
+                names = _metric_names((tuned or {}).get(level, {})) or _metric_names(
+                    (base or {}).get(level, {})
+                )
+                for metric in names:
+                    rows.append(
+                        {
+                            "task": task,
+                            "level": level,
+                            "metric": metric,
+                            "fine-tuned": _with_ci((tuned or {}).get(level, {}), metric),
+                            "baseline (logistic regression)": _with_ci(
+                                (base or {}).get(level, {}), metric
+                            ),
+                        }
+                    )
+        if not rows:
+            return _missing("evaluate")
+        return (
+            "<p>Test split only; 95% percentile bootstrap intervals over patients in brackets.</p>"
+            + _table(pd.DataFrame(rows))
+        )
+
+    def _confusion(self, reports: Path) -> str:
+        parts = []
+        for task in self.tasks:
+            for source in ("eval", "baseline"):
+                folder = self._path(str(reports), source, task)
+                for name in ("confusion_matrix.png", "patient_predictions.png"):
+                    if (folder / name).is_file():
+                        parts.append(f"<h3>{html.escape(f'{task} ({source})')}</h3>")
+                        parts.append(self.image(folder / name, alt=f"{task} {source} {name}"))
+        return "".join(parts) or _missing("evaluate")
+
+    def _embeddings(self, reports: Path) -> str:
+        folder = self._path(str(reports), "embed")
+        metrics = self.json(folder / "metrics.json")
+        if metrics is None:
+            return _missing("embed")
+        body = "<p>Silhouette scores (cosine) of the test-cell embeddings, per label.</p>"
+        body += (
+            _table(pd.DataFrame(metrics).T.reset_index(names="model"))
+            if _is_nested(metrics)
+            else _key_values(metrics)
+        )
+        for png in sorted(folder.glob("*.png")):
+            body += self.image(png, alt=png.stem)
+        return body
+
+    def _perturbation(self, reports: Path) -> str:
+        folder = self._path(str(reports), "perturb")
+        if not folder.is_dir():
+            return _missing("perturb")
+        body = ""
+        metrics = self.json(folder / "metrics.json")
+        if metrics is not None:
+            body += _key_values(_flatten(metrics))
+        for tsv in sorted(folder.glob("*.tsv")):
+            table = self.tsv(tsv)
+            if table is not None:
+                body += f"<p>{html.escape(tsv.name)}: top 15 of {len(table)} rows</p>" + _table(
+                    table.head(15)
+                )
+        for png in sorted(folder.glob("*.png")):
+            body += self.image(png, alt=png.stem)
+        return body or _missing("perturb")
+
+    def _network(self, reports: Path) -> str:
+        folder = self._path(str(reports), "grn")
+        metrics = self.json(folder / "metrics.json")
+        if metrics is None:
+            return _missing("grn")
+        body = (
+            _table(pd.DataFrame(metrics).T.reset_index(names="method"))
+            if _is_nested(metrics)
+            else _key_values(_flatten(metrics))
+        )
+        for png in sorted(folder.glob("*.png")):
+            body += self.image(png, alt=png.stem)
+        return body
+
+
+# -- rendering helpers ---------------------------------------------------------------------
+
+
+def _img(png: bytes, *, alt: str) -> str:
+    encoded = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def _missing(stage: str) -> str:
+    return f'<p class="missing">Not available yet: run the <code>{html.escape(stage)}</code> stage.</p>'
+
+
+def _format(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value.is_integer() and abs(value) >= 100 else f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return html.escape(str(value))
+
+
+def _table(frame: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_format(v)}</td>" for v in row) + "</tr>"
+        for row in frame.astype(object).itertuples(index=False)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _key_values(values: Mapping[str, Any]) -> str:
+    return _table(pd.DataFrame({"quantity": list(values), "value": list(values.values())}))
+
+
+def _list(items: Iterable[str]) -> str:
+    return "<ul>" + "".join(f"<li><code>{html.escape(i)}</code></li>" for i in items) + "</ul>"
+
+
+def _is_nested(values: Mapping[str, Any]) -> bool:
+    return bool(values) and all(isinstance(v, dict) for v in values.values())
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{name}.")
+        elif not isinstance(value, list):
+            flat[name] = value
+    return flat
+
+
+def _metric_names(level: Mapping[str, Any]) -> list[str]:
+    return [
+        k
+        for k, v in level.items()
+        if isinstance(v, (int, float))
+        and not k.endswith(("_ci_low", "_ci_high"))
+        and not k.startswith("n_")
+    ]
+
+
+def _with_ci(level: Mapping[str, Any], metric: str) -> str | None:
+    value = level.get(metric)
+    if value is None:
+        return None
+    low, high = level.get(f"{metric}_ci_low"), level.get(f"{metric}_ci_high")
+    text = f"{value:.3f}"
+    return f"{text} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else text
+
+
+def _plot_curves(curves: Mapping[str, pd.DataFrame | None], *, title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [k for k, v in curves.items() if v is not None and len(v)]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        frame = curves[name]
+        value = frame.columns[-1]
+        ax.plot(frame["step"], frame[value], marker="o", markersize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("dvclive step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+CSS = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 75rem; color: #222; }
+nav a { margin-right: 1rem; }
+table { border-collapse: collapse; margin: 0.5rem 0 1rem; font-size: 0.9rem; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }
+th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
+img { max-width: 100%; margin: 0.5rem 0; display: block; }
+.missing { color: #a33; font-style: italic; }
+"""
+
+# Marks the page once loaded: how many images failed to decode (a browser test reads it).
+CHECK_SCRIPT = """
+window.addEventListener("load", () => {
+  const broken = [...document.images].filter((img) => !img.complete || img.naturalWidth === 0);
+  document.body.setAttribute("data-broken-images", String(broken.length));
+  document.body.setAttribute("data-images", String(document.images.length));
+});
+"""
+
+
+def render_page(sections: Mapping[str, str]) -> str:
+    """The HTML page, one ``<section id=...>`` per entry of :data:`SECTIONS`."""
+    nav = "".join(f'<a href="#{key}">{html.escape(title)}</a>' for key, title in SECTIONS)
+    body = "".join(
+        f'<section id="{key}"><h2>{html.escape(title)}</h2>{sections.get(key, _missing(key))}</section>'
+        for key, title in SECTIONS
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        "<title>rosmap-geneformer report</title>"
+        f"<style>{CSS}</style><script>{CHECK_SCRIPT}</script></head>"
+        f"<body><h1>rosmap-geneformer report</h1><nav>{nav}</nav>{body}</body></html>\n"
+    )

@@ -1,0 +1,28 @@
+"""Stage report: one self-contained reports/index.html from the stage outputs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rosmap_geneformer import io
+from rosmap_geneformer.logs import setup_logging
+from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.report import ReportBuilder
+
+logger = logging.getLogger("stage.report")
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, params = stage_arguments(argv, description=__doc__)
+    setup_logging()
+    builder = ReportBuilder(paths=get(params, "paths"), tasks=sorted(get(params, "tasks")))
+    page = builder.build()
+    out = Path(get(params, "paths.reports")) / "index.html"
+    with io.atomic_output(out) as tmp:
+        tmp.write_text(page)
+    logger.info("wrote %s (%d files read)", out, len(builder.files_read))
+
+
+if __name__ == "__main__":
+    main()
