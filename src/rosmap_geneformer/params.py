@@ -68,16 +68,28 @@ def raw_paths(params: Mapping[str, Any]) -> dict[str, Path]:
 
 
 def stage_arguments(
-    argv: list[str] | None, *, description: str, with_split: bool = False
+    argv: list[str] | None,
+    *,
+    description: str | None,
+    with_split: bool = False,
+    with_task: bool = False,
 ) -> tuple[argparse.Namespace, dict[str, Any]]:
     """Parse a stage script's command line and load its parameters.
 
     Every stage takes ``--params`` (default ``params.yaml``); foreach stages also take
-    ``--split``.
+    ``--split`` or ``--task`` (a key of ``params.yaml: tasks``, checked here).
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="parameter file")
     if with_split:
         parser.add_argument("--split", required=True, choices=SPLITS)
+    if with_task:
+        parser.add_argument("--task", required=True, help="a key of params.yaml: tasks")
     args = parser.parse_args(argv)
-    return args, load_params(args.params)
+    params = load_params(args.params)
+    if with_task:
+        tasks = get(params, "tasks")
+        if args.task not in tasks:
+            msg = f"{args.params}: no task {args.task!r} under tasks; known: {sorted(tasks)}."
+            raise ValueError(msg)
+    return args, params

@@ -3,24 +3,19 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 from rosmap_geneformer import evaluation, io, training
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import DEFAULT_PARAMS, get, load_params
+from rosmap_geneformer.params import get, stage_arguments
 
 logger = logging.getLogger("stage.evaluate")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="parameter file")
-    parser.add_argument("--task", required=True, help="a key of params.yaml: tasks")
-    args = parser.parse_args(argv)
+    args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
-    params = load_params(args.params)
     task = training.TaskSpec.from_params(args.task, get(params, f"tasks.{args.task}"))
     model_dir = Path(get(params, "paths.finetuned")) / args.task
     mapping = training.load_label_mapping(model_dir)

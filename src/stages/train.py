@@ -7,25 +7,17 @@ run with the same params and data resumes from its last epoch checkpoint.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from rosmap_geneformer import io, training
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import DEFAULT_PARAMS, get, load_params
+from rosmap_geneformer.params import get, stage_arguments
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="parameter file")
-    parser.add_argument("--task", required=True, help="a key of params.yaml: tasks")
-    args = parser.parse_args(argv)
+    args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
-    params = load_params(args.params)
     tasks = get(params, "tasks")
-    if args.task not in tasks:
-        msg = f"params.yaml: no task {args.task!r} under tasks; known: {sorted(tasks)}."
-        raise ValueError(msg)
     task = training.TaskSpec.from_params(args.task, tasks[args.task])
     hyper = training.Hyperparameters.from_params(get(params, "train"))
     seed = int(get(params, "seed"))
