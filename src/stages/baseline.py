@@ -1,0 +1,51 @@
+"""Stage baseline@{task}: logistic regression on highly variable genes, scored like `evaluate`.
+
+Same cells (the tokenized datasets' cell ids), classes, val-based selection and test metrics
+(cell level, patient level for donor labels, bootstrap intervals) as the fine-tuned model, so
+`reports/baseline/{task}/metrics.json` and `reports/eval/{task}/metrics.json` compare key by key.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rosmap_geneformer import baselines, evaluation, training
+from rosmap_geneformer.logs import setup_logging
+from rosmap_geneformer.params import SPLITS, get, stage_arguments
+
+logger = logging.getLogger("stage.baseline")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, params = stage_arguments(argv, description=__doc__, with_task=True)
+    setup_logging()
+    task = training.TaskSpec.from_params(args.task, get(params, f"tasks.{args.task}"))
+    hyper = baselines.BaselineParams.from_params(get(params, "baseline"))
+
+    sampled = Path(get(params, "paths.sampled"))
+    tokenized = Path(get(params, "paths.tokenized"))
+    splits = {
+        split: baselines.SplitInput(
+            counts=sampled / f"{split}.h5ad", tokenized=tokenized / f"{split}.dataset"
+        )
+        for split in SPLITS
+    }
+    result = baselines.run_baseline(
+        task,
+        splits,
+        hyper=hyper,
+        seed=int(get(params, "seed")),
+        n_boot=int(get(params, "evaluate.n_boot")),
+    )
+    evaluation.write_evaluation(
+        result,
+        Path(get(params, "paths.reports")) / "baseline" / args.task,
+        live_dir=Path(get(params, "paths.dvclive")) / "baseline" / args.task,
+        predictions_path=Path(get(params, "paths.predictions")) / f"baseline_{args.task}.tsv",
+    )
+    logger.info("%s baseline: %s", args.task, result.metrics)
+
+
+if __name__ == "__main__":
+    main()
