@@ -8,6 +8,7 @@ DVC could cache.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     _remove(tmp)
+    _remove_stale_temporaries(path)
     try:
         yield tmp
         if not tmp.exists():
@@ -48,6 +50,28 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         tmp.replace(path)
     finally:
         _remove(tmp)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove what killed writers of ``path`` left behind (``.tmp-<name>-<pid>`` of processes
+    that no longer run): a leftover inside a folder that another stage reads (``dvclive/``)
+    would change that folder's hash and make DVC rerun the stage."""
+    prefix = f".tmp-{path.name}-"
+    for stale in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = stale.name.removeprefix(prefix)
+        if pid.isdigit() and not _is_running(int(pid)):
+            logger.info("removing %s, left by an interrupted run", stale)
+            _remove(stale)
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import SequentialSampler
 from transformers import BertConfig, BertForMaskedLM, Trainer, TrainingArguments
+from transformers.integrations import DVCLiveCallback
 
 from rosmap_geneformer.dictionaries import CLS, EOS, MASK, PAD, SPECIAL_TOKENS
 from rosmap_geneformer.io import atomic_output
@@ -765,7 +766,8 @@ def pretrain(
             "eval_masked_accuracy_final": _maybe(evals[-1], "eval_masked_accuracy")
             if evals
             else None,
-            "train_seconds": round(train_seconds, 1),
+            # No wall-clock time here: this file is DVC-cached data and must be the same bytes
+            # on every run (dvclive's train/runtime keeps the time).
         }
         model_tmp.mkdir()
         _save(trainer.model, model_tmp, summary)
@@ -816,12 +818,27 @@ def _live(path: Path) -> Any:
     return Live(str(path), dvcyaml=None, report=None, save_dvc_exp=False)
 
 
+def is_wall_clock(key: str) -> bool:
+    """Whether a Trainer metric is a timing (``train_runtime``, ``eval_samples_per_second``,
+    ``eval_model_preparation_time``, ...). Timings differ from run to run, so they stay out of
+    every pipeline output: the same params must give the same bytes (Trainer still prints them)."""
+    name = key.removeprefix("eval_").removeprefix("train_")
+    return name in ("runtime", "model_preparation_time") or name.endswith("_per_second")
+
+
+class LiveCallback(DVCLiveCallback):
+    """transformers' ``DVCLiveCallback`` without Trainer's timings (:func:`is_wall_clock`), so
+    that the dvclive logs, and what is drawn from them, are the same bytes on every run."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        logs = {k: v for k, v in (logs or {}).items() if not is_wall_clock(k)}
+        super().on_log(args, state, control, logs=logs, **kwargs)
+
+
 def _live_callbacks(path: Path | None) -> list[Any]:
     if path is None:
         return []
-    from transformers.integrations import DVCLiveCallback
-
-    return [DVCLiveCallback(live=_live(path), log_model=False)]
+    return [LiveCallback(live=_live(path), log_model=False)]
 
 
 def _save(model: BertForMaskedLM, directory: Path, summary: Mapping[str, Any]) -> None:
@@ -1145,6 +1162,7 @@ __all__ = [
     "SUMMARY_FILE",
     "DeviceSettings",
     "GeneformerTrainer",
+    "LiveCallback",
     "MaskedGeneCollator",
     "PretrainSettings",
     "check_tokenized",
@@ -1153,6 +1171,7 @@ __all__ = [
     "geneformer_bert_config",
     "holdout_split",
     "import_checkpoint",
+    "is_wall_clock",
     "pretrain",
     "select_device",
     "validate_checkpoint",

@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.trainer_utils import SchedulerType
 
-from rosmap_geneformer.modeling import GeneformerTrainer, select_device
+from rosmap_geneformer.modeling import GeneformerTrainer, LiveCallback, is_wall_clock, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -447,7 +447,6 @@ def training_arguments(
     )
 
 
-
 def check_task_metric(prepared: PreparedTask, task: TaskSpec) -> str:
     """The task's validation metric, after checking that ``val`` can define it."""
     metric = str(task.early_stopping_metric)
@@ -538,11 +537,10 @@ def fine_tune(
 
     Returns
     -------
-    The summary: task report, best metric, final val metrics, epochs run, wall time.
+    The summary: task report, best metric, final val metrics (no timings), epochs run.
     """
     from dvclive import Live
     from transformers import set_seed
-    from transformers.integrations import DVCLiveCallback
 
     set_seed(seed)
     prepared = prepare_task(train, val, task)
@@ -560,7 +558,7 @@ def fine_tune(
     callbacks: list[Any] = []
     if live_dir is not None and args.process_index == 0:
         live = Live(str(live_dir), dvcyaml=None, report=None, save_dvc_exp=False, resume=resume)
-        callbacks.append(DVCLiveCallback(live=live, log_model=False))
+        callbacks.append(LiveCallback(live=live, log_model=False))
     trainer = build_trainer(
         task=task,
         prepared=prepared,
@@ -580,14 +578,23 @@ def fine_tune(
         "best_checkpoint_epoch": _best_epoch(trainer),
         "epochs_run": float(trainer.state.epoch or 0.0),
         "resumed": bool(resume),
-        "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
-        "val": {k.removeprefix("eval_"): float(v) for k, v in sorted(final.items())},
+        "val": without_wall_clock(
+            {k.removeprefix("eval_"): float(v) for k, v in sorted(final.items())}
+        ),
     }
+    logger.info("trained %s in %.0f s", task.name, result.metrics.get("train_runtime", 0.0))
     if trainer.is_world_process_zero():
         save_model(trainer.model, output_dir, classes=classes, task=task, summary=summary)
         # The run is complete: its checkpoints would only let a later rerun "resume" at the end.
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return summary
+
+
+def without_wall_clock(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """``metrics`` without Trainer's timings (``runtime``, ``*_per_second``,
+    ``model_preparation_time``), which differ from run to run: what goes into a DVC-cached
+    output must be the same bytes every time."""
+    return {k: v for k, v in metrics.items() if not is_wall_clock(k)}
 
 
 def _best_epoch(trainer: Trainer) -> float | None:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,20 +46,33 @@ def deep_update(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
     return base
 
 
-def run(cmd: list[str], cwd: Path, *, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a command with the test interpreter's environment first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONHASHSEED"] = "0"
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+def environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The subprocess environment: the test interpreter first on PATH, PYTHONHASHSEED=0, then
+    ``env`` on top."""
+    out = dict(os.environ)
+    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
+    out["PYTHONHASHSEED"] = "0"
+    out.update(env or {})
+    return out
+
+
+def run(
+    cmd: list[str], cwd: Path, *, check: bool = True, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command with the test interpreter's environment first on PATH (plus ``env``)."""
+    proc = subprocess.run(
+        cmd, cwd=cwd, env=environment(env), capture_output=True, text=True, check=False
+    )
     if check and proc.returncode != 0:
         msg = f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         raise AssertionError(msg)
     return proc
 
 
-def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run([sys.executable, "-m", "dvc", *args], cwd, check=check)
+def dvc(
+    *args: str, cwd: Path, check: bool = True, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run([sys.executable, "-m", "dvc", *args], cwd, check=check, env=env)
 
 
 def git(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -99,3 +113,49 @@ def tiny_repo(
     """A committed git+DVC copy of the pipeline with :data:`TINY_PARAMS` (plus ``params_update``)."""
     update = deep_update(yaml.safe_load(yaml.safe_dump(TINY_PARAMS)), params_update or {})
     return make_repo(tmp_path_factory.mktemp(name), update)
+
+
+# One full `dvc repro` of the tiny pipeline, shared by the test modules of a session that need a
+# reproduced repository (each works on its own copy).
+_REPRODUCED: dict[str, Any] = {}
+
+
+def reproduced_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny repo after one full `dvc repro`, everything committed (dvc.lock, metrics, plots).
+
+    Built once per test session; do not change it: take a :func:`copy_repo` of it.
+    """
+    if "root" not in _REPRODUCED:
+        root = tiny_repo(tmp_path_factory, "reproduced")
+        started = time.perf_counter()
+        dvc("repro", cwd=root)
+        _REPRODUCED["repro_seconds"] = time.perf_counter() - started
+        git("add", "-A", cwd=root)
+        git("commit", "-q", "-m", "dvc repro", cwd=root)
+        _REPRODUCED["root"] = root
+    return _REPRODUCED["root"]
+
+
+def repro_seconds() -> float | None:
+    """Wall time of the template's `dvc repro` (None before it ran)."""
+    return _REPRODUCED.get("repro_seconds")
+
+
+def copy_repo(source: Path, target: Path) -> Path:
+    """Copy a git+DVC repository (with its DVC cache, without .dvc/tmp) to ``target``."""
+
+    def ignore(directory: str, names: list[str]) -> list[str]:
+        return ["tmp"] if Path(directory) == source / ".dvc" else []
+
+    shutil.copytree(source, target, symlinks=True, ignore=ignore)
+    return target
+
+
+def cached_outs(repo: Path) -> set[str]:
+    """Paths (as in dvc.lock) of the outs that DVC caches: data and models, not `cache: false`."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as project:
+        return {
+            out.def_path for stage in project.index.stages for out in stage.outs if out.use_cache
+        }

@@ -1,0 +1,78 @@
+"""Stage grn: a gene regulatory network by in silico deletion of regulators (Geneformer's
+cell-and-gene mode), written as an edge list, GraphML and a network plot, and, when a truth
+network is configured, scored (AUPR, AUROC, precision at k) next to random and co-expression
+baselines on the same edges and cells."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+
+from rosmap_geneformer import embeddings, grn, io, perturbation
+from rosmap_geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
+from rosmap_geneformer.logs import setup_logging
+from rosmap_geneformer.params import get, stage_arguments
+
+logger = logging.getLogger("stage.grn")
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, params = stage_arguments(argv, description=__doc__)
+    setup_logging()
+    settings = grn.GRNSettings.from_params(get(params, "grn"))
+    seed = int(get(params, "seed"))
+    torch.manual_seed(seed)
+
+    if settings.model == "base":
+        model_dir = Path(get(params, "paths.base_model"))
+    else:
+        model_dir = Path(get(params, "paths.finetuned")) / settings.model
+    dataset = io.read_dataset(Path(get(params, "paths.tokenized")) / f"{settings.split}.dataset")
+    with (Path(get(params, "paths.dictionaries")) / TOKEN_DICTIONARY_FILE).open("rb") as fh:
+        token_dictionary = pickle.load(fh)
+    counts = io.read_h5ad(Path(get(params, "paths.sampled")) / f"{settings.split}.h5ad")
+    annotation = perturbation.token_annotation(
+        token_dictionary,
+        dict(zip(counts.var["ensembl_id"], counts.var["gene_symbol"], strict=True)),
+    )
+    special_tokens = embeddings.detect_special_tokens(dataset, token_dictionary=token_dictionary)
+
+    encoder, _ = embeddings.load_encoder(model_dir)
+    edges, summary, scoring = grn.grn_dataset(
+        encoder,
+        dataset,
+        settings=settings,
+        annotation=annotation,
+        counts=counts,
+        special_tokens=special_tokens,
+        pad_token_id=int(token_dictionary[PAD]),
+        seed=seed,
+    )
+    summary["model"] = str(model_dir)
+
+    # The network (large on real data) is a cached DVC output; the small reports go to git.
+    network_dir = Path(get(params, "paths.grn"))
+    out_dir = Path(get(params, "paths.reports")) / "grn"
+    io.write_tsv(edges.drop(columns=["regulator", "target"]), network_dir / "edges.tsv")
+    grn.write_graphml(
+        grn.network_graph(grn.top_edges(edges, settings.graph_top_edges)),
+        network_dir / "network.graphml",
+    )
+    fig = grn.plot_network(
+        grn.top_edges(edges, settings.plot_top_edges),
+        seed=seed,
+        title=f"top {settings.plot_top_edges} targets per regulator (deletion, {model_dir})",
+    )
+    io.save_figure(fig, out_dir / "network.png")
+    if scoring is not None:
+        fig = grn.plot_pr_curves(scoring, title=f"edges vs {Path(str(settings.truth)).name}")
+        io.save_figure(fig, out_dir / "pr_curve.png")
+    io.write_json(summary, out_dir / "summary.json")
+    io.write_json(grn.metrics_summary(summary), out_dir / "metrics.json")
+
+
+if __name__ == "__main__":
+    main()
