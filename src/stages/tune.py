@@ -1,0 +1,161 @@
+"""Stage tune: an optuna study of fine-tuning hyperparameters, scored on the val split only.
+
+The main invocation (`python src/stages/tune.py --task disease`, the dvc stage) creates or resumes
+the study, runs trials until the study holds `tune.n_trials`, waits for trials other workers
+still run, then writes reports/tune/ (best_params.yaml, trials.tsv, metrics.json, plots).
+
+More workers, on this machine or others, join the same study and share the trial budget:
+
+    python src/stages/tune.py --task disease --worker
+
+They need the same commit and data (`dvc pull`) and a storage they all reach: `tune.storage` set
+to a database URL (e.g. `env:OPTUNA_STORAGE` with OPTUNA_STORAGE=postgresql://user@host/db), or a
+journal file on a shared file system. Workers write nothing but trials.
+
+Promote the best values into params.yaml: `dvc exp run $(python src/stages/tune.py --set-args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import optuna
+import torch
+import transformers
+
+from rosmap_geneformer import io, training, tuning
+from rosmap_geneformer.logs import setup_logging
+from rosmap_geneformer.params import DEFAULT_PARAMS, get, load_params
+
+logger = logging.getLogger("tune")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="parameter file")
+    parser.add_argument("--task", help="a key of params.yaml: tasks (default: tune.task)")
+    parser.add_argument("--worker", action="store_true", help="only join the study and run trials")
+    parser.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        help="seconds a worker waits for the study (default 600) or the main process waits "
+        "for other workers' trials (default: no limit)",
+    )
+    parser.add_argument(
+        "--set-args",
+        action="store_true",
+        help="print `-S train.<key>=<value>` arguments from best_params.yaml and exit",
+    )
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    out_dir = Path(get(params, "paths.reports")) / "tune"
+    if args.set_args:
+        best = tuning.load_best_params(out_dir / tuning.BEST_PARAMS_FILE)
+        sys.stdout.write(" ".join(tuning.set_args(best)) + "\n")
+        return
+    setup_logging()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    tune = dict(get(params, "tune"))
+    task_name = args.task or tune.get("task")
+    tasks = get(params, "tasks")
+    if task_name not in tasks:
+        msg = f"params.yaml: no task {task_name!r} under tasks; known: {sorted(tasks)}."
+        raise ValueError(msg)
+    tune["task"] = task_name
+    task = training.TaskSpec.from_params(task_name, tasks[task_name])
+    base_model = Path(get(params, "paths.base_model"))
+    config = base_model / "config.json"
+    if not config.is_file():
+        msg = f"{config}: no base model; run the base_model stage (`dvc repro base_model`)."
+        raise FileNotFoundError(msg)
+    fixed = tuning.fixed_hyperparameters(get(params, "train"))
+    # Every search-space error surfaces here, before any data is read or model trained.
+    settings = tuning.TuneSettings.from_params(
+        tune, fixed=fixed, n_layers=int(json.loads(config.read_text())["num_hidden_layers"])
+    )
+    seed = int(get(params, "seed"))
+
+    # Only train and val: the test split is never read by the search.
+    tokenized = Path(get(params, "paths.tokenized"))
+    train_path, val_path = tokenized / "train.dataset", tokenized / "val.dataset"
+    train, val = io.read_dataset(train_path), io.read_dataset(val_path)
+    tuning.check_patients_disjoint(train, val)
+    prepared = training.prepare_task(train, val, task)
+    metric = training.check_task_metric(prepared, task)
+
+    study_inputs = {
+        "task": tasks[task_name],
+        "tune": {k: v for k, v in tune.items() if k not in ("n_trials", "storage", "study_name")},
+        "fixed": fixed,
+        "seed": seed,
+        "data": {p.name: training.directory_digest(p) for p in (train_path, val_path)},
+        "base_model": training.directory_digest(base_model),
+        "code": {
+            Path(m.__file__).name: training.directory_digest(m.__file__) for m in (training, tuning)
+        },
+        "versions": [optuna.__version__, transformers.__version__, torch.__version__],
+    }
+    fingerprint = training.fingerprint(study_inputs)
+    name = settings.study_name or tuning.default_study_name(task_name, fingerprint)
+    checkpoints = Path(get(params, "paths.checkpoints"))
+    location = tuning.resolve_storage(settings.storage, checkpoints=checkpoints)
+    if args.worker:
+        tuning.check_shared_storage(location)
+    storage = tuning.open_storage(location)
+    work_dir = checkpoints / "tune" / f"work-{os.getpid()}"
+    objective = tuning.Objective(
+        task=task,
+        prepared=prepared,
+        base_model=base_model,
+        space=settings.space,
+        fixed=fixed,
+        seed=seed,
+        work_dir=work_dir,
+    )
+    shown = location.split("@")[-1]  # no password in the logs
+    try:
+        if args.worker:
+            logger.info("worker joining study %s in %s", name, shown)
+            tuning.join_study(
+                storage,
+                name=name,
+                fingerprint=fingerprint,
+                timeout_s=600.0 if args.wait_timeout is None else args.wait_timeout,
+            )
+            # Workers sample from fresh entropy: the same seed would repeat the main's draws.
+            study = optuna.load_study(
+                study_name=name,
+                storage=storage,
+                sampler=tuning.make_sampler(settings, seed=None),
+                pruner=tuning.make_pruner(settings),
+            )
+            ran = tuning.run_trials(storage, study, objective)
+            logger.info("worker ran %d trial(s) of study %s", ran, name)
+            return
+        logger.info("study %s in %s: %d trials", name, shown, settings.n_trials)
+        study = tuning.create_study(
+            storage,
+            name=name,
+            settings=settings,
+            seed=seed,
+            attrs={"fingerprint": fingerprint, "task": task_name, "metric": metric},
+        )
+        ran = tuning.run_trials(storage, study, objective)
+        logger.info("ran %d trial(s)", ran)
+        tuning.wait_for_running(storage, study, timeout_s=args.wait_timeout)
+        tuning.write_outputs(study, out_dir, task=task_name, metric=metric, seed=seed)
+    finally:
+        tuning.remove_work_dir(work_dir)
+
+
+if __name__ == "__main__":
+    main()
