@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 
 from rosmap_geneformer import io
@@ -87,6 +88,44 @@ def test_report_has_every_section_reads_numbers_from_files_and_names_them(tmp_pa
     assert "0.500" in page, "baseline patient AUROC"
     assert page.count("data:image/png;base64,") == 1
     assert "Not available yet: run the <code>perturb</code> stage" in page
+
+
+def test_tuning_perturbation_and_network_sections_show_their_numbers(tmp_path: Path) -> None:
+    reports = tmp_path / "reports"
+    io.write_json(
+        {"task": "disease", "trials": {"total": 6, "pruned": 2}, "best": {"value": 0.8125}},
+        reports / "tune/metrics.json",
+    )
+    (reports / "tune/best_params.yaml").write_text("train:\n  learning_rate: 0.00042\n")
+    io.write_json(
+        {"runs": {"delete": {"perturbations": 1234, "top_genes": ["APOE"]}}},
+        reports / "perturb/summary.json",
+    )
+    io.write_tsv(
+        pd.DataFrame({"symbol": ["TREM2", "APOE"], "mean_shift": [0.031, 0.02]}),
+        reports / "perturb/delete.tsv",
+    )
+    io.write_json(
+        {
+            "candidate_edges": 4321,
+            "perturbation": {"aupr": 0.613, "auroc": 0.9},
+            "random": {"aupr": 0.051, "auroc": 0.5},
+        },
+        reports / "grn/metrics.json",
+    )
+    builder = ReportBuilder(
+        paths={"reports": "reports", "dvclive": "dvclive"}, tasks=["disease"], root=tmp_path
+    )
+    page = builder.build()
+
+    def section(key: str) -> str:
+        return page.split(f'<section id="{key}">')[1].split("</section>")[0]
+
+    assert "0.812" in section("tuning") and "learning_rate: 0.00042" in section("tuning")
+    assert "1,234" in section("perturbation") and "TREM2" in section("perturbation")
+    network = section("network")
+    assert "4,321" in network and "0.613" in network and "0.051" in network
+    assert {"reports/tune/best_params.yaml", "reports/grn/metrics.json"} <= set(builder.files_read)
 
 
 @pytest.mark.skipif(

@@ -32,6 +32,7 @@ SECTIONS = (
     ("metrics", "Test metrics: fine-tuned Geneformer against the baseline"),
     ("confusion", "Confusion matrices and patient predictions"),
     ("embeddings", "Embeddings"),
+    ("tuning", "Hyperparameter search (val split)"),
     ("perturbation", "In silico perturbation"),
     ("network", "Gene regulatory network"),
     ("files", "Files read"),
@@ -100,6 +101,7 @@ class ReportBuilder:
         self.sections["metrics"] = self._metrics(reports)
         self.sections["confusion"] = self._confusion(reports)
         self.sections["embeddings"] = self._embeddings(reports)
+        self.sections["tuning"] = self._tuning(reports)
         self.sections["perturbation"] = self._perturbation(reports)
         self.sections["network"] = self._network(reports)
         self.sections["files"] = _list(self.files_read)
@@ -272,11 +274,7 @@ class ReportBuilder:
         if metrics is None:
             return _missing("embed")
         body = "<p>Silhouette scores (cosine) of the test-cell embeddings, per label.</p>"
-        body += (
-            _table(pd.DataFrame(metrics).T.reset_index(names="model"))
-            if _is_nested(metrics)
-            else _key_values(metrics)
-        )
+        body += _scalars_and_methods(metrics, row_name="model")
         for png in sorted(folder.glob("*.png")):
             body += self.image(png, alt=png.stem)
         return body
@@ -286,9 +284,9 @@ class ReportBuilder:
         if not folder.is_dir():
             return _missing("perturb")
         body = ""
-        metrics = self.json(folder / "metrics.json")
-        if metrics is not None:
-            body += _key_values(_flatten(metrics))
+        summary = self.json(folder / "summary.json")
+        if summary is not None:
+            body += _key_values(_flatten(summary))
         for tsv in sorted(folder.glob("*.tsv")):
             table = self.tsv(tsv)
             if table is not None:
@@ -304,11 +302,23 @@ class ReportBuilder:
         metrics = self.json(folder / "metrics.json")
         if metrics is None:
             return _missing("grn")
-        body = (
-            _table(pd.DataFrame(metrics).T.reset_index(names="method"))
-            if _is_nested(metrics)
-            else _key_values(_flatten(metrics))
+        return _scalars_and_methods(metrics) + "".join(
+            self.image(png, alt=png.stem) for png in sorted(folder.glob("*.png"))
         )
+
+    def _tuning(self, reports: Path) -> str:
+        folder = self._path(str(reports), "tune")
+        metrics = self.json(folder / "metrics.json")
+        if metrics is None:
+            return _missing("tune")
+        body = _key_values(_flatten(metrics))
+        best = folder / "best_params.yaml"
+        if best.is_file():
+            self._note(best)
+            body += f"<pre>{html.escape(best.read_text())}</pre>"
+        trials = self.tsv(folder / "trials.tsv")
+        if trials is not None:
+            body += _table(trials.drop(columns=["error"], errors="ignore"))
         for png in sorted(folder.glob("*.png")):
             body += self.image(png, alt=png.stem)
         return body
@@ -353,8 +363,14 @@ def _list(items: Iterable[str]) -> str:
     return "<ul>" + "".join(f"<li><code>{html.escape(i)}</code></li>" for i in items) + "</ul>"
 
 
-def _is_nested(values: Mapping[str, Any]) -> bool:
-    return bool(values) and all(isinstance(v, dict) for v in values.values())
+def _scalars_and_methods(metrics: Mapping[str, Any], *, row_name: str = "method") -> str:
+    """Scalars as key-value rows, then a table with one row per nested mapping."""
+    methods = {k: v for k, v in metrics.items() if isinstance(v, dict)}
+    scalars = {k: v for k, v in metrics.items() if k not in methods}
+    body = _key_values(_flatten(scalars)) if scalars else ""
+    if methods:
+        body += _table(pd.DataFrame(methods).T.reset_index(names=row_name))
+    return body
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -790,7 +790,11 @@ def check_patients_disjoint(train: datasets.Dataset, val: datasets.Dataset) -> N
 
 
 def trials_table(study: optuna.Study) -> pd.DataFrame:
-    """One row per trial: number, state, value, wall time, epochs, params, val per epoch."""
+    """One row per trial: number, state, value, epochs, params, val per epoch.
+
+    Wall times stay in the study's storage (user attribute ``wall_s``) and the log: a cached
+    output must have the same bytes on every run.
+    """
     rows = []
     for trial in study.get_trials(deepcopy=False):
         history = trial.user_attrs.get("val_history", [])
@@ -798,7 +802,6 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
             "number": trial.number,
             "state": trial.state.name,
             "value": trial.value,
-            "wall_s": trial.user_attrs.get("wall_s"),
             "epochs_run": len(history),
             "best_epoch": trial.user_attrs.get("best_epoch"),
             "enqueued": trial.user_attrs.get("enqueued"),
@@ -809,7 +812,7 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
         row["error"] = trial.user_attrs.get("error")
         rows.append(row)
     columns = [
-        "number", "state", "value", "wall_s", "epochs_run", "best_epoch", "enqueued",
+        "number", "state", "value", "epochs_run", "best_epoch", "enqueued",
         *SEARCHABLE, "val_by_epoch", "error",
     ]  # fmt: skip
     table = pd.DataFrame(rows, columns=columns)
@@ -933,15 +936,9 @@ def param_importances(study: optuna.Study, *, seed: int) -> dict[str, float] | N
 
 
 def summarise(study: optuna.Study, *, task: str, metric: str, seed: int) -> dict[str, Any]:
-    """``metrics.json``: trial counts, best and baseline (first enqueued) values, wall time."""
+    """``metrics.json``: trial counts, best and baseline (first enqueued) values."""
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
-    walls = [t.user_attrs["wall_s"] for t in trials if "wall_s" in t.user_attrs]
-    complete_walls = [
-        t.user_attrs["wall_s"]
-        for t in trials
-        if t.state == TrialState.COMPLETE and "wall_s" in t.user_attrs
-    ]
     summary: dict[str, Any] = {
         "task": task,
         "metric": f"val_{metric}",
@@ -949,12 +946,6 @@ def summarise(study: optuna.Study, *, task: str, metric: str, seed: int) -> dict
         "trials": {"total": len(trials), **{k: counts[k] for k in ("complete", "pruned", "fail")}},
         "best": None,
         "baseline": None,
-        "wall_s_per_trial": {
-            "mean": float(np.mean(walls)) if walls else None,
-            "median": float(np.median(walls)) if walls else None,
-            "mean_complete": float(np.mean(complete_walls)) if complete_walls else None,
-            "total": float(np.sum(walls)) if walls else None,
-        },
         "param_importance": param_importances(study, seed=seed),
     }
     if counts["complete"]:
@@ -998,7 +989,27 @@ def write_outputs(
         summary["trials"],
         out_dir,
     )
+    log_wall_times(study)
     return summary
+
+
+def log_wall_times(study: optuna.Study) -> None:
+    """Log the wall time per trial (kept in the storage, never in a cached output)."""
+    for state in (TrialState.COMPLETE, TrialState.PRUNED):
+        walls = [
+            t.user_attrs["wall_s"]
+            for t in study.get_trials(deepcopy=False, states=(state,))
+            if "wall_s" in t.user_attrs
+        ]
+        if walls:
+            logger.info(
+                "wall time per %s trial: mean %.1f s, median %.1f s, total %.1f s (%d trials)",
+                state.name.lower(),
+                np.mean(walls),
+                np.median(walls),
+                np.sum(walls),
+                len(walls),
+            )
 
 
 def remove_work_dir(path: str | Path) -> None:

@@ -33,6 +33,20 @@ TINY_PARAMS: dict[str, Any] = {
     },
     "train": {"epochs": 2, "batch_size": 16, "learning_rate": 1.0e-3},
     "evaluate": {"n_boot": 50},
+    "tune": {
+        "n_trials": 2,
+        "enqueue": [{"learning_rate": 1.0e-3, "epochs": 1, "batch_size": 16, "freeze_layers": 0}],
+        "sampler": {"n_startup_trials": 1},
+        "space": {"epochs": {"low": 1, "high": 2}},
+    },
+    "perturb": {
+        "cell_type": None,
+        "max_cells": 6,
+        "min_cells": 3,
+        "max_state_cells": 100,
+        "null_size": 1000,
+    },
+    "grn": {"max_cells": 10, "min_cells": 3},
 }
 
 
@@ -128,12 +142,18 @@ def reproduced_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if "root" not in _REPRODUCED:
         root = tiny_repo(tmp_path_factory, "reproduced")
         started = time.perf_counter()
-        dvc("repro", cwd=root)
+        _REPRODUCED["repro_stdout"] = dvc("repro", cwd=root).stdout
         _REPRODUCED["repro_seconds"] = time.perf_counter() - started
         git("add", "-A", cwd=root)
         git("commit", "-q", "-m", "dvc repro", cwd=root)
         _REPRODUCED["root"] = root
     return _REPRODUCED["root"]
+
+
+def template_repro_output(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """What the template's first `dvc repro` printed (builds the template if needed)."""
+    reproduced_template(tmp_path_factory)
+    return _REPRODUCED["repro_stdout"]
 
 
 def repro_seconds() -> float | None:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dvc_repo import dvc, git, stages_run, tiny_repo
+from dvc_repo import copy_repo, dvc, reproduced_template, stages_run
 
 pytestmark = pytest.mark.pipeline
 
@@ -28,10 +28,9 @@ def _wait_for_queue(repo: Path) -> str:
 def test_queued_learning_rate_grid_runs_and_is_listed(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    repo = tiny_repo(tmp_path_factory, "experiments")
-    dvc("repro", cwd=repo)
-    git("add", "-A", cwd=repo)
-    git("commit", "-q", "-m", "baseline run", cwd=repo)
+    repo = copy_repo(
+        reproduced_template(tmp_path_factory), tmp_path_factory.mktemp("experiments") / "repo"
+    )
 
     dvc("exp", "run", "--queue", "-S", "train.learning_rate=1e-4,3e-4", cwd=repo)
     assert dvc("queue", "status", cwd=repo).stdout.count("Queued") == 2

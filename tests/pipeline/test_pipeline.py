@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from dvc_repo import dvc, stages_run, tiny_repo
+from dvc_repo import copy_repo, dvc, reproduced_template, stages_run, template_repro_output
 
 from rosmap_geneformer import genes, truth
 
@@ -21,12 +21,17 @@ DATA_STAGES = {"demo_data", "gene_map", "convert_genes", "split"}
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tiny_repo(tmp_path_factory, "pipeline")
-    proc = dvc("repro", cwd=root)
-    ran = stages_run(proc.stdout)
-    assert ran >= DATA_STAGES
-    assert {"qc@train", "qc@val", "qc@test", "annotate@test", "sample"} <= ran
-    return root
+    ran = stages_run(template_repro_output(tmp_path_factory))
+    listed = {
+        line.split()[0]
+        for line in dvc(
+            "stage", "list", cwd=reproduced_template(tmp_path_factory)
+        ).stdout.splitlines()
+    }
+    assert ran == listed, f"stages not run by the first `dvc repro`: {listed - ran}"
+    return copy_repo(
+        reproduced_template(tmp_path_factory), tmp_path_factory.mktemp("pipeline") / "repo"
+    )
 
 
 def test_outputs_follow_the_data_contract(repo: Path) -> None:
