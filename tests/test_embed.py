@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -9,11 +8,13 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from scipy import sparse
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification
 
+from builders import CELL_COLUMNS, project_paths, save_random_base_model, tiny_bert_config
+from builders import run_stage as run_stage_script
+from builders import write_params as write_params_file
 from rosmap_geneformer import embedding_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,25 +24,13 @@ HIDDEN = 32
 
 
 def tiny_config(**extra: object) -> BertConfig:
-    return BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_act="relu",
-        pad_token_id=0,
-        **extra,
-    )
+    return tiny_bert_config(VOCAB, hidden_size=HIDDEN, **extra)
 
 
 def tiny_cells(n: int = 48, *, seed: int = 0) -> datasets.Dataset:
     """Cells whose tokens depend on the cell type, so the embeddings differ by type."""
     rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {
-        k: [] for k in ("input_ids", "length", "cell_id", "patient_id", "cell_type", "ad_status")
-    }
+    rows: dict[str, list] = {k: [] for k in CELL_COLUMNS}
     for i in range(n):
         cell_type = ["Exc", "Mic", "Ast"][i % 3]
         patient = f"P{i % 4}"
@@ -72,8 +61,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (root / "sampled").mkdir()
     counts[::-1].copy().write_h5ad(root / "sampled" / "test.h5ad")  # another row order
-    torch.manual_seed(0)
-    BertForMaskedLM(tiny_config()).save_pretrained(root / "base")
+    save_random_base_model(root / "base", VOCAB)  # seeds torch for the fine-tuned ones too
     for task, classes in (("cell_type", ["Ast", "Exc", "Mic"]), ("disease", ["control", "AD"])):
         config = tiny_config(
             num_labels=len(classes),
@@ -87,14 +75,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_params(root: Path, out: Path, **embed: object) -> Path:
     params = {
         "seed": 0,
-        "paths": {
-            "tokenized": str(root / "tok"),
-            "sampled": str(root / "sampled"),
-            "base_model": str(root / "base"),
-            "finetuned": str(root / "finetuned"),
-            "embeddings": str(out / "embeddings"),
-            "reports": str(out / "reports"),
-        },
+        "paths": project_paths(root, "tokenized", "sampled", "base_model", "finetuned")
+        | project_paths(out, "embeddings", "reports"),
         "tasks": {"cell_type": {"label": "cell_type"}, "disease": {"label": "ad_status"}},
         "tokenize": {"special_tokens": False},
         "embed": {
@@ -108,16 +90,11 @@ def write_params(root: Path, out: Path, **embed: object) -> Path:
             **embed,
         },
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "params.yaml").write_text(yaml.safe_dump(params))
-    return out / "params.yaml"
+    return write_params_file(out, params)
 
 
 def run_stage(params: Path) -> None:
-    spec = importlib.util.spec_from_file_location("embed_stage", STAGE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["--params", str(params)])
+    run_stage_script(STAGE, "--params", str(params))
 
 
 def test_stage_writes_embeddings_umaps_and_silhouettes(workdir: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,6 +45,19 @@ def _disease_data(
         "y": y,
         "probs": np.column_stack([1.0 - p_ad, p_ad]),
     }
+
+
+def _evaluate_disease(data: dict[str, np.ndarray], **options: Any) -> ev.Evaluation:
+    """``evaluate_predictions`` of ``_disease_data`` output as the disease task."""
+    return ev.evaluate_predictions(
+        data["cell_ids"],
+        data["patient_ids"],
+        data["y"],
+        data["probs"],
+        classes=DISEASE,
+        task_kind="disease",
+        **options,
+    )
 
 
 def _patients(labels: list[int], scores: list[float]) -> pd.DataFrame:
@@ -312,16 +326,7 @@ def _shallow_numbers(metrics: dict) -> None:
 
 def test_evaluate_predictions_disease_layout() -> None:
     data = _disease_data(12, seed=6)
-    result = ev.evaluate_predictions(
-        data["cell_ids"],
-        data["patient_ids"],
-        data["y"],
-        data["probs"],
-        classes=DISEASE,
-        task_kind="disease",
-        n_boot=200,
-        seed=0,
-    )
+    result = _evaluate_disease(data, n_boot=200, seed=0)
     assert set(result.metrics) == {"cell", "patient"}
     _shallow_numbers(result.metrics)
     cell, patient = result.metrics["cell"], result.metrics["patient"]
@@ -349,16 +354,7 @@ def test_evaluate_predictions_disease_layout() -> None:
     assert result.details["bootstrap"]["n_boot"] == 200
     json.dumps(result.metrics, allow_nan=False)
     json.dumps(result.details, allow_nan=False)
-    again = ev.evaluate_predictions(
-        data["cell_ids"],
-        data["patient_ids"],
-        data["y"],
-        data["probs"],
-        classes=DISEASE,
-        task_kind="disease",
-        n_boot=200,
-        seed=0,
-    )
+    again = _evaluate_disease(data, n_boot=200, seed=0)
     assert again.metrics == result.metrics
 
 
@@ -450,15 +446,7 @@ def test_write_evaluation_files_and_determinism(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     data = _disease_data(8, cells=10, seed=8)
-    result = ev.evaluate_predictions(
-        data["cell_ids"],
-        data["patient_ids"],
-        data["y"],
-        data["probs"],
-        classes=DISEASE,
-        task_kind="disease",
-        n_boot=50,
-    )
+    result = _evaluate_disease(data, n_boot=50)
     written = ev.write_evaluation(result, "out")
     names = sorted(p.relative_to("out").as_posix() for p in written)
     assert names == [

@@ -1,36 +1,34 @@
 from __future__ import annotations
 
 import json
-import os
-import pickle
-import subprocess
-import sys
 from pathlib import Path
 
-import anndata as ad
 import datasets
 import networkx as nx
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from scipy import sparse, stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 from transformers import BertForMaskedLM
 
+from builders import (
+    ROOT,
+    gene_id,
+    one_thread,
+    project_paths,
+    run_stage_process,
+    tiny_geneformer_config,
+    write_gene_files,
+    write_params,
+)
 from rosmap_geneformer import embeddings, grn
-from rosmap_geneformer.modeling import geneformer_bert_config
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 80
 # Planted programs: TF token -> target tokens. Tokens 6 and 7 are regulators without targets.
 PROGRAMS = {4: list(range(20, 26)), 5: list(range(26, 32))}
 NULL_REGULATORS = [6, 7]
-
-
-def gene_id(token: int) -> str:
-    return f"ENSG{token:011d}"
 
 
 def symbol(token: int) -> str:
@@ -161,21 +159,9 @@ def planted_world(n: int, *, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
 
 def pretrain(cells: list[np.ndarray], *, epochs: int = 40, seed: int = 0) -> BertForMaskedLM:
     """Masked-gene pretraining of a tiny BERT (one thread: fastest for a model this small)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         torch.manual_seed(seed)
-        config = geneformer_bert_config(
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-            num_hidden_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            intermediate_size=64,
-            dropout=0.0,
-            attention_dropout=0.0,
-        )
-        model = BertForMaskedLM(config)
+        model = BertForMaskedLM(tiny_geneformer_config(VOCAB))
         optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
         ids, mask = (torch.from_numpy(a) for a in embeddings.pad_batch(cells))
         generator = torch.Generator().manual_seed(seed)
@@ -191,8 +177,6 @@ def pretrain(cells: list[np.ndarray], *, epochs: int = 40, seed: int = 0) -> Ber
                 loss.backward()
                 optimizer.step()
         return model.eval()
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -210,18 +194,12 @@ def planted_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         }
     ).save_to_disk(root / "tok" / "train.dataset")
     tokens = list(range(2, VOCAB))
-    token_dictionary = {"<pad>": 0, "<mask>": 1, **{gene_id(t): t for t in tokens}}
-    (root / "dict").mkdir()
-    with (root / "dict" / "token_dictionary.pkl").open("wb") as fh:
-        pickle.dump(token_dictionary, fh)
-    var = pd.DataFrame(
-        {"ensembl_id": [gene_id(t) for t in tokens], "gene_symbol": [symbol(t) for t in tokens]},
-        index=[gene_id(t) for t in tokens],
-    )
-    obs = pd.DataFrame({"n_counts": counts.sum(axis=1)}, index=cell_ids)
-    (root / "sampled").mkdir()
-    ad.AnnData(X=sparse.csr_matrix(counts.astype(np.float32)), obs=obs, var=var).write_h5ad(
-        root / "sampled" / "train.h5ad"
+    write_gene_files(
+        root,
+        tokens=tokens,
+        symbols=[symbol(t) for t in tokens],
+        counts=sparse.csr_matrix(counts.astype(np.float32)),
+        obs=pd.DataFrame({"n_counts": counts.sum(axis=1)}, index=cell_ids),
     )
     pretrain(cells).save_pretrained(root / "base")
     truth = pd.DataFrame(
@@ -239,15 +217,16 @@ def planted_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     truth.to_csv(root / "truth.tsv", sep="\t", index=False)
     params = {
         "seed": 0,
-        "paths": {
-            "tokenized": str(root / "tok"),
-            "dictionaries": str(root / "dict"),
-            "sampled": str(root / "sampled"),
-            "base_model": str(root / "base"),
-            "finetuned": str(root / "finetuned"),
-            "reports": str(root / "reports"),
-            "grn": str(root / "network"),
-        },
+        "paths": project_paths(
+            root,
+            "tokenized",
+            "dictionaries",
+            "sampled",
+            "base_model",
+            "finetuned",
+            "reports",
+            "grn",
+        ),
         "grn": {
             "model": "base",
             "emb_layer": -1,
@@ -265,25 +244,13 @@ def planted_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "plot_top_edges": 5,
         },
     }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(root, params)
     return root
 
 
 def test_planted_targets_score_above_random_in_the_grn_stage(planted_project):
     root = planted_project
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "src" / "stages" / "grn.py"),
-            "--params",
-            str(root / "params.yaml"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"},
-    )
+    proc = run_stage_process(ROOT / "src" / "stages" / "grn.py", root / "params.yaml")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = root / "reports" / "grn"
     metrics = json.loads((out / "metrics.json").read_text())
@@ -328,9 +295,7 @@ def test_plain_geneformer_shift_is_dominated_by_position(planted_project):
             "input_ids"
         ]
     ]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         result = {
             control: grn.infer_grn(
                 encoder,
@@ -345,8 +310,6 @@ def test_plain_geneformer_shift_is_dominated_by_position(planted_project):
             )
             for control in ("none", "neighbor")
         }
-    finally:
-        torch.set_num_threads(threads)
     scores = {}
     for control, res in result.items():
         labels = np.array(

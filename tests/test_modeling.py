@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -9,10 +8,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from transformers import BertForMaskedLM
 
+from builders import load_stage, write_params
 from rosmap_geneformer import modeling
 from rosmap_geneformer.dictionaries import build_dictionaries, save_dictionaries
 
@@ -61,6 +60,17 @@ def tiny_config(**overrides):
     return modeling.geneformer_bert_config(**kwargs)
 
 
+def architecture(**overrides: object) -> dict[str, object]:
+    """A ``base_model.architecture`` params section: 2 layers, 32 wide, 4 heads, no dropout."""
+    return {
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "intermediate_size": 64,
+        "dropout": 0.0,
+    } | overrides
+
+
 SETTINGS = modeling.PretrainSettings(
     epochs=3, learning_rate=3e-3, batch_size=8, eval_fraction=0.2, logging_steps=2
 )
@@ -83,13 +93,7 @@ def run_pretrain(out: Path, *, seed: int = 0, live: bool = True) -> dict:
 
 def test_config_follows_geneformer_conventions():
     config = modeling.config_from_params(
-        {
-            "num_hidden_layers": 2,
-            "hidden_size": 32,
-            "num_attention_heads": 4,
-            "intermediate_size": 64,
-            "dropout": 0.02,
-        },
+        architecture(dropout=0.02),
         token_dictionary=V2_DICT,
         model_input_size=512,
     )
@@ -114,14 +118,7 @@ def test_config_rejects_bad_sizes_and_keys():
         tiny_config(hidden_size=30, num_attention_heads=4)
     with pytest.raises(ValueError, match="unknown key"):
         modeling.config_from_params(
-            {
-                "num_hidden_layers": 2,
-                "hidden_size": 32,
-                "num_attention_heads": 4,
-                "intermediate_size": 64,
-                "dropout": 0.0,
-                "layers": 3,
-            },
+            architecture(layers=3),
             token_dictionary=V2_DICT,
             model_input_size=64,
         )
@@ -351,6 +348,19 @@ def validate(path: Path, **overrides):
     return modeling.validate_checkpoint(path, **kwargs)
 
 
+def import_checkpoint(path: Path, out: Path, **overrides) -> dict:
+    """Import ``path`` into ``out/base``, logging to ``out/dvclive``; no evaluation unless
+    ``overrides`` pass ``train`` and ``settings``."""
+    kwargs = {
+        "output_dir": out / "base",
+        "token_dictionary": V2_DICT,
+        "model_input_size": MAX_LEN,
+        "special_tokens": True,
+        "live_dir": out / "dvclive",
+    } | overrides
+    return modeling.import_checkpoint(path, **kwargs)
+
+
 def test_validate_checkpoint_accepts_a_matching_checkpoint(checkpoint: Path):
     config = validate(checkpoint)
     assert config.vocab_size == len(V2_DICT)
@@ -406,16 +416,8 @@ def test_validate_checkpoint_model_type(checkpoint: Path):
 
 
 def test_import_checkpoint_saves_identical_weights(tmp_path: Path, checkpoint: Path):
-    summary = modeling.import_checkpoint(
-        checkpoint,
-        output_dir=tmp_path / "base",
-        token_dictionary=V2_DICT,
-        model_input_size=MAX_LEN,
-        special_tokens=True,
-        train=make_cells(40),
-        settings=SETTINGS,
-        live_dir=tmp_path / "dvclive",
-        seed=0,
+    summary = import_checkpoint(
+        checkpoint, tmp_path, train=make_cells(40), settings=SETTINGS, seed=0
     )
     assert summary["source"] == "checkpoint" and summary["eval_cells"] == 8
     assert summary["missing_head_tensors"] == 0
@@ -429,14 +431,7 @@ def test_import_checkpoint_saves_identical_weights(tmp_path: Path, checkpoint: P
 
 
 def test_import_checkpoint_without_evaluation_still_logs(tmp_path: Path, checkpoint: Path):
-    summary = modeling.import_checkpoint(
-        checkpoint,
-        output_dir=tmp_path / "base",
-        token_dictionary=V2_DICT,
-        model_input_size=MAX_LEN,
-        special_tokens=True,
-        live_dir=tmp_path / "dvclive",
-    )
+    summary = import_checkpoint(checkpoint, tmp_path)
     assert "eval_loss_final" not in summary
     metrics = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
     assert metrics["n_parameters"] == summary["n_parameters"]
@@ -482,15 +477,11 @@ def stage_params(tmp_path: Path, **base_model) -> Path:
         }
         | base_model,
     }
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
+    return write_params(tmp_path, params)
 
 
 def test_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    spec = importlib.util.spec_from_file_location("stage_base_model", STAGE)
-    stage = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(stage)
+    stage = load_stage(STAGE)
 
     dictionaries = build_dictionaries(
         {g: 1.0 + i for i, g in enumerate(GENES)}, special_tokens=True

@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-import anndata as ad
 import datasets
 import numpy as np
 import pandas as pd
@@ -16,32 +14,31 @@ import yaml
 from scipy import sparse, stats
 from transformers import BertForSequenceClassification, BertModel
 
+from builders import (
+    CELL_COLUMNS,
+    ROOT,
+    gene_id,
+    one_thread,
+    project_paths,
+    run_stage_process,
+    tiny_geneformer_config,
+    write_gene_files,
+    write_params,
+)
 from rosmap_geneformer import embeddings, perturbation
-from rosmap_geneformer.modeling import geneformer_bert_config
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 80
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def single_thread() -> Iterator[None]:
     """Tiny models run fastest, and steadiest on a busy machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def run_stage(params: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "src" / "stages" / "perturb.py"), "--params", str(params)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
+    return run_stage_process(ROOT / "src" / "stages" / "perturb.py", params)
 
 
 # ------------------------------------------------------------------------------------------
@@ -144,16 +141,7 @@ def test_overexpression_positions_skip_the_front_gene():
 @pytest.fixture(scope="module")
 def random_encoder() -> BertModel:
     torch.manual_seed(0)
-    config = geneformer_bert_config(
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        num_hidden_layers=3,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        dropout=0.02,
-        attention_dropout=0.02,
-    )
+    config = tiny_geneformer_config(VOCAB, num_hidden_layers=3, dropout=0.02)
     config._attn_implementation = "sdpa"
     return BertModel(config, add_pooling_layer=False).eval()
 
@@ -315,9 +303,7 @@ CELL_TYPE_TOKENS = {"Mic": [10, 11, 12], "Ast": [13, 14, 15]}
 def planted_cells(n: int, *, seed: int) -> dict[str, list]:
     """Cells of two types; AD cells carry the AD tokens at random ranks in their top half."""
     rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {
-        k: [] for k in ("input_ids", "length", "cell_id", "patient_id", "cell_type", "ad_status")
-    }
+    rows: dict[str, list] = {k: [] for k in CELL_COLUMNS}
     background = np.arange(20, VOCAB)
     for i in range(n):
         cell_type = ["Mic", "Ast"][i % 2]
@@ -337,26 +323,13 @@ def planted_cells(n: int, *, seed: int) -> dict[str, list]:
 
 
 def train_classifier(dataset: datasets.Dataset, *, seed: int = 0) -> BertForSequenceClassification:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return _train_classifier(dataset, seed=seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_classifier(dataset: datasets.Dataset, *, seed: int) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = geneformer_bert_config(
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-    )
+    config = tiny_geneformer_config(VOCAB)
     config.num_labels = 2
     model = BertForSequenceClassification(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -384,28 +357,21 @@ def planted_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rows = planted_cells(160, seed=0)
     dataset = datasets.Dataset.from_dict(rows)
     dataset.save_to_disk(root / "tok" / "train.dataset")
-    genes = [f"ENSG{t:011d}" for t in range(2, VOCAB)]
-    token_dictionary = {"<pad>": 0, "<mask>": 1, **{g: t for t, g in enumerate(genes, start=2)}}
-    (root / "dict").mkdir()
-    with (root / "dict" / "token_dictionary.pkl").open("wb") as fh:
-        pickle.dump(token_dictionary, fh)
-    symbols = [f"AD{t}" if t in AD_TOKENS else f"G{t}" for t in range(2, VOCAB)]
-    var = pd.DataFrame({"ensembl_id": genes, "gene_symbol": symbols}, index=genes)
-    counts = sparse.csr_matrix((len(dataset), len(genes)), dtype=np.float32)
-    adata = ad.AnnData(X=counts, obs=pd.DataFrame(index=rows["cell_id"]), var=var)
-    (root / "sampled").mkdir()
-    adata.write_h5ad(root / "sampled" / "train.h5ad")
+    tokens = list(range(2, VOCAB))
+    write_gene_files(
+        root,
+        tokens=tokens,
+        symbols=[f"AD{t}" if t in AD_TOKENS else f"G{t}" for t in tokens],
+        counts=sparse.csr_matrix((len(dataset), len(tokens)), dtype=np.float32),
+        obs=pd.DataFrame(index=rows["cell_id"]),
+    )
     model = train_classifier(dataset)
     model.save_pretrained(root / "finetuned" / "disease")
     params = {
         "seed": 0,
-        "paths": {
-            "tokenized": str(root / "tok"),
-            "dictionaries": str(root / "dict"),
-            "sampled": str(root / "sampled"),
-            "finetuned": str(root / "finetuned"),
-            "reports": str(root / "reports"),
-        },
+        "paths": project_paths(
+            root, "tokenized", "dictionaries", "sampled", "finetuned", "reports"
+        ),
         "perturb": {
             "task": "disease",
             "emb_layer": 0,
@@ -426,7 +392,7 @@ def planted_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "top_n": 10,
         },
     }
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(root, params)
     return root
 
 
@@ -460,7 +426,7 @@ def test_planted_ad_genes_rank_first_in_the_perturb_stage(planted_project):
         token_dictionary = pickle.load(fh)
     annotation = perturbation.token_annotation(
         token_dictionary,
-        {f"ENSG{t:011d}": f"AD{t}" if t in AD_TOKENS else f"G{t}" for t in range(2, VOCAB)},
+        {gene_id(t): f"AD{t}" if t in AD_TOKENS else f"G{t}" for t in range(2, VOCAB)},
     )
     settings = perturbation.PerturbSettings.from_params(
         {**yaml.safe_load((root / "params.yaml").read_text())["perturb"], "types": ["delete"]}

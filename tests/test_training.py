@@ -12,67 +12,44 @@ import datasets
 import numpy as np
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification
 
+from builders import (
+    TRAIN_PATHS,
+    project_paths,
+    start_stage,
+    tokenized_cells,
+    write_params,
+    write_train_inputs,
+)
 from rosmap_geneformer import training
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 60
+AD_TOKEN = 55
 TRAIN_STAGE = ROOT / "src" / "stages" / "train.py"
 
 
 def make_cells(n: int, patients: list[str], *, seed: int) -> datasets.Dataset:
     """Tokenized-looking cells whose tokens carry the cell type and, for AD donors, one AD token."""
-    rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {
-        k: [] for k in ("input_ids", "length", "cell_id", "patient_id", "cell_type", "ad_status")
-    }
-    for i in range(n):
-        cell_type = ["Exc", "Mic", "Ast"][i % 3]
-        patient = patients[i % len(patients)]
-        status = "AD" if int(patient[1:]) % 2 else "control"
-        start = {"Exc": 2, "Mic": 20, "Ast": 40}[cell_type]
-        length = int(rng.integers(12, 30))
-        ids = list(range(start, start + 10)) + rng.integers(2, VOCAB, length - 10).tolist()
-        if status == "AD":
-            ids = [55, *ids]
-        rows["input_ids"].append(ids)
-        rows["length"].append(len(ids))
-        rows["cell_id"].append(f"cell{i:04d}")
-        rows["patient_id"].append(patient)
-        rows["cell_type"].append(cell_type)
-        rows["ad_status"].append(status)
-    return datasets.Dataset.from_dict(rows)
+    return tokenized_cells(
+        n, patients, seed=seed, vocab_size=VOCAB, lengths=(12, 30), ad_token=AD_TOKEN
+    )
 
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """A tiny train/val tokenized pair, a random base model and params, in ``tmp_path``."""
-    make_cells(96, ["P1", "P2", "P3", "P4"], seed=0).save_to_disk(tmp_path / "tok/train.dataset")
-    make_cells(36, ["P5", "P6", "P7", "P8"], seed=1).save_to_disk(tmp_path / "tok/val.dataset")
-    config = BertConfig(
+    write_train_inputs(
+        tmp_path,
+        train=make_cells(96, ["P1", "P2", "P3", "P4"], seed=0),
+        val=make_cells(36, ["P5", "P6", "P7", "P8"], seed=1),
         vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_act="relu",
-        pad_token_id=0,
     )
-    torch.manual_seed(0)
-    BertForMaskedLM(config).save_pretrained(tmp_path / "base")
     params = {
         "seed": 0,
-        "paths": {
-            "tokenized": str(tmp_path / "tok"),
-            "base_model": str(tmp_path / "base"),
-            "finetuned": str(tmp_path / "finetuned"),
-            "checkpoints": str(tmp_path / "checkpoints"),
-            "dvclive": str(tmp_path / "dvclive"),
-        },
+        "paths": project_paths(tmp_path, *TRAIN_PATHS),
         "tasks": {
             "cell_type": {"label": "cell_type", "min_cells_per_class": 5},
             "disease": {
@@ -89,7 +66,7 @@ def workdir(tmp_path: Path) -> Path:
             "early_stopping_patience": 3,
         },
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path, params)
     return tmp_path
 
 
@@ -191,9 +168,7 @@ def _run_stage(workdir: Path, task: str, *, launcher: list[str] | None = None) -
         "--task",
         task,
     ]
-    return subprocess.Popen(
-        cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    return start_stage(cmd, cwd=workdir)
 
 
 def _weights(model_dir: Path) -> dict[str, torch.Tensor]:

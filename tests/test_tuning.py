@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import runpy
 import subprocess
 import sys
 import time
@@ -11,15 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import optuna
 import pandas as pd
 import pytest
-import torch
 import yaml
 from optuna.trial import TrialState
-from transformers import BertConfig, BertForMaskedLM
 
+from builders import (
+    TRAIN_PATHS,
+    project_paths,
+    run_stage,
+    start_stage,
+    tokenized_cells,
+    write_train_inputs,
+)
+from builders import write_params as write_params_file
 from rosmap_geneformer import tuning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,52 +51,23 @@ FIXED = {
 
 def make_cells(n: int, patients: list[str], *, seed: int) -> datasets.Dataset:
     """Tokenized-looking cells whose first tokens carry the cell type."""
-    rng = np.random.default_rng(seed)
-    rows: dict[str, list] = {
-        k: [] for k in ("input_ids", "length", "cell_id", "patient_id", "cell_type", "ad_status")
-    }
-    for i in range(n):
-        cell_type = ["Exc", "Mic", "Ast"][i % 3]
-        patient = patients[i % len(patients)]
-        start = {"Exc": 2, "Mic": 20, "Ast": 40}[cell_type]
-        length = int(rng.integers(12, 24))
-        ids = list(range(start, start + 10)) + rng.integers(2, VOCAB, length - 10).tolist()
-        rows["input_ids"].append(ids)
-        rows["length"].append(len(ids))
-        rows["cell_id"].append(f"{patient}_cell{i:04d}")
-        rows["patient_id"].append(patient)
-        rows["cell_type"].append(cell_type)
-        rows["ad_status"].append("AD" if int(patient[1:]) % 2 else "control")
-    return datasets.Dataset.from_dict(rows)
+    return tokenized_cells(
+        n, patients, seed=seed, vocab_size=VOCAB, lengths=(12, 24), cell_id="{patient}_cell{i:04d}"
+    )
 
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """Tiny tokenized train/val (no test split at all), a random 2-layer base model, params."""
-    make_cells(72, ["P1", "P2", "P3", "P4"], seed=0).save_to_disk(tmp_path / "tok/train.dataset")
-    make_cells(30, ["P5", "P6", "P7", "P8"], seed=1).save_to_disk(tmp_path / "tok/val.dataset")
-    config = BertConfig(
+    write_train_inputs(
+        tmp_path,
+        train=make_cells(72, ["P1", "P2", "P3", "P4"], seed=0),
+        val=make_cells(30, ["P5", "P6", "P7", "P8"], seed=1),
         vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        hidden_act="relu",
-        pad_token_id=0,
     )
-    torch.manual_seed(0)
-    BertForMaskedLM(config).save_pretrained(tmp_path / "base")
     params = {
         "seed": 0,
-        "paths": {
-            "tokenized": str(tmp_path / "tok"),
-            "base_model": str(tmp_path / "base"),
-            "finetuned": str(tmp_path / "finetuned"),
-            "checkpoints": str(tmp_path / "checkpoints"),
-            "dvclive": str(tmp_path / "dvclive"),
-            "reports": str(tmp_path / "reports"),
-        },
+        "paths": project_paths(tmp_path, *TRAIN_PATHS, "reports"),
         "tasks": {"cell_type": {"label": "cell_type", "min_cells_per_class": 5}},
         "train": {
             "learning_rate": 1.0e-3,
@@ -124,26 +100,15 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def write_params(workdir: Path, params: dict[str, Any]) -> Path:
-    path = workdir / "params.yaml"
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
-    return path
-
-
-def run_stage(script: Path, *args: str) -> None:
-    """Run a stage script in this process (as `python script args`)."""
-    module = runpy.run_path(str(script), run_name="stage")
-    module["main"](list(args))
+    """Write ``workdir/params.yaml``, keys in the order given."""
+    return write_params_file(workdir, params, sort_keys=False)
 
 
 def stage_process(workdir: Path, *args: str) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONHASHSEED="0")
-    return subprocess.Popen(
+    return start_stage(
         [sys.executable, str(TUNE_STAGE), "--params", str(workdir / "params.yaml"), *args],
         cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        env=dict(os.environ, PYTHONHASHSEED="0"),
     )
 
 
