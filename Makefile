@@ -25,13 +25,17 @@ setup:
 
 demo: setup
 	dvc repro
-	dvc metrics show
+	rosmap-geneformer summary
+	@echo "All metrics: dvc metrics show; the report: reports/index.html"
 
 test: setup
 	$(PY) -m pytest
 
+# Each writes reports/benchmarks/<name>.json; run them on an otherwise idle machine.
 bench: setup
 	$(PY) benchmarks/tokenizer.py
+	$(PY) benchmarks/training_padding.py
+	$(PY) benchmarks/perturbation.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

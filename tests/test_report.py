@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from rosmap_geneformer import io
-from rosmap_geneformer.report import SECTIONS, ReportBuilder
+from rosmap_geneformer.report import SECTIONS, ReportBuilder, headline
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -93,7 +93,13 @@ def test_report_has_every_section_reads_numbers_from_files_and_names_them(tmp_pa
 def test_tuning_perturbation_and_network_sections_show_their_numbers(tmp_path: Path) -> None:
     reports = tmp_path / "reports"
     io.write_json(
-        {"task": "disease", "trials": {"total": 6, "pruned": 2}, "best": {"value": 0.8125}},
+        {
+            "task": "disease",
+            "metric": "val_patient_auroc",
+            "trials": {"total": 6, "pruned": 2},
+            "best": {"value": 0.8125, "trial": 3},
+            "baseline": {"value": 0.75, "trial": 0},
+        },
         reports / "tune/metrics.json",
     )
     (reports / "tune/best_params.yaml").write_text("train:\n  learning_rate: 0.00042\n")
@@ -126,6 +132,14 @@ def test_tuning_perturbation_and_network_sections_show_their_numbers(tmp_path: P
     network = section("network")
     assert "4,321" in network and "0.613" in network and "0.051" in network
     assert {"reports/tune/best_params.yaml", "reports/grn/metrics.json"} <= set(builder.files_read)
+
+    _write_outputs(tmp_path)
+    text = headline(reports, ["disease"])
+    assert "disease    fine-tuned cell accuracy 0.900 [0.800, 0.950]; patient auroc 0.750" in text
+    assert "disease    baseline   cell accuracy 0.850; patient auroc 0.500" in text
+    assert "tune (disease, val_patient_auroc): best 0.812 (trial 3) vs defaults 0.750" in text
+    assert "perturb delete: top genes APOE" in text
+    assert "grn AUPR: perturbation 0.613, random 0.051" in text
 
 
 @pytest.mark.skipif(

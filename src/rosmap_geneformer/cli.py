@@ -4,6 +4,8 @@
 --gene-median-dictionary M.pkl [--model-input-size 2048] [--special-tokens] [--columns a,b]``
 
 ``rosmap-geneformer dictionaries --input train.h5ad --output DIR [--special-tokens]``
+
+``rosmap-geneformer summary [--params params.yaml]``: the headline results of a pipeline run.
 """
 
 from __future__ import annotations
@@ -127,9 +129,30 @@ def _run_dictionaries(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_summary(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "summary",
+        help="print the headline results of the pipeline (what `make demo` shows)",
+        description="Test metrics per task (fine-tuned and baseline), tuning, perturbation and "
+        "network scores, read from the stage outputs under params.yaml paths.reports.",
+    )
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    parser.set_defaults(func=_run_summary)
+
+
+def _run_summary(args: argparse.Namespace) -> int:
+    from rosmap_geneformer.params import get, load_params
+    from rosmap_geneformer.report import headline
+
+    params = load_params(args.params)
+    print(headline(get(params, "paths.reports"), sorted(get(params, "tasks"))))
+    return 0
+
+
 _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_tokenize,
     _add_dictionaries,
+    _add_summary,
 )
 
 
