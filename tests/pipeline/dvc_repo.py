@@ -102,7 +102,7 @@ def stages_run(output: str) -> set[str]:
 
 def make_repo(root: Path, params_update: Mapping[str, Any]) -> Path:
     """Copy the pipeline into ``root``, apply ``params_update``, and commit it in git+DVC."""
-    for name in ("dvc.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         if (PROJECT / name).exists():
             shutil.copy(PROJECT / name, root / name)
     shutil.copytree(

@@ -103,3 +103,39 @@ def test_qc_param_change_reruns_qc_and_downstream_only(repo: Path) -> None:
     assert {"qc@train", "qc@val", "qc@test"} <= ran
     assert not (ran & DATA_STAGES), f"stages before qc reran: {ran & DATA_STAGES}"
     assert stages_run(dvc("repro", cwd=repo).stdout) == set()
+
+
+def test_tune_perturb_and_grn_write_their_contracts(repo: Path) -> None:
+    from rosmap_geneformer import tuning
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    best = tuning.load_best_params(repo / "reports/tune/best_params.yaml")
+    assert set(best["train"]) == set(tuning.SEARCHABLE)
+    trials = pd.read_csv(repo / "reports/tune/trials.tsv", sep="\t")
+    assert trials["number"].tolist() == list(range(params["tune"]["n_trials"]))
+    assert trials.loc[0, "enqueued"] == 0, "the shipped defaults are trial 0"
+
+    summary = json.loads((repo / "reports/perturb/summary.json").read_text())
+    for kind in params["perturb"]["types"]:
+        table = pd.read_csv(repo / "reports/perturb" / f"{kind}.tsv", sep="\t")
+        assert {"gene", "symbol", "mean_shift", "p", "fdr", "n_cells"} <= set(table.columns)
+        assert table["gene"].str.startswith("ENSG").all() and table["gene"].is_unique
+        assert len(table) == summary["runs"][kind]["genes_tested"] > 0
+        # Every gene is in >= min_cells perturbed cells; overexpression skips the cells where the
+        # gene is already first, and counts them.
+        shortfall = (params["perturb"]["min_cells"] - table["n_cells"]).clip(lower=0).sum()
+        assert shortfall <= summary["runs"][kind]["skipped_already_first"]
+        assert table["net_mean_shift"].is_monotonic_decreasing, "ranked by the net shift"
+        assert table["fdr"].between(0, 1).all() and (table["fdr"] >= table["p"] - 1e-12).all()
+
+    edges = pd.read_csv(repo / "data/processed/grn/edges.tsv", sep="\t")
+    assert {"regulator_symbol", "target_symbol", "weight", "coexpression", "random"} <= set(edges)
+    assert set(edges["regulator_symbol"]) <= set(params["grn"]["regulators"])
+    assert (edges["regulator_id"] != edges["target_id"]).all()
+    assert (repo / "data/processed/grn/network.graphml").read_text().startswith("<?xml")
+    shown = json.loads(dvc("metrics", "show", "--json", cwd=repo).stdout)
+    metrics = next(iter(shown.values()))["data"]
+    network = metrics["reports/grn/metrics.json"]["data"]
+    for method in ("perturbation", "coexpression", "random"):
+        assert 0 <= network[method]["aupr"] <= 1
+    assert metrics["reports/tune/metrics.json"]["data"]["trials"]["total"] == 2
