@@ -977,7 +977,7 @@ class PerturbSettings:
         Tokens per forward pass (bounds memory).
     precision
         ``auto`` (bfloat16 on a GPU, exact float32 on the CPU), ``float32`` or ``bfloat16``
-        (bfloat16 matrix products; on CPUs with AMX about 2.5x faster, shifts within ~1%).
+        (bfloat16 matrix products; on CPUs with AMX about 5x faster, shifts within ~1%).
     batch_size
         Cells per forward pass for the centroid embeddings.
     top_n

@@ -421,16 +421,13 @@ def headline(reports: str | Path, tasks: Sequence[str]) -> str:
     for task in tasks:
         for source in ("eval", "baseline"):
             metrics = _read_json(reports / source / task / "metrics.json")
-            if not metrics:
-                lines.append(f"  {task:<10} {source:<9} not run yet")
-                continue
+            label = "fine-tuned" if source == "eval" else "baseline"
             parts = [
                 f"{level} {name} {_with_ci(metrics[level], name)}"
                 for level, name in HEADLINE_METRICS
                 if name in metrics.get(level, {})
             ]
-            label = "fine-tuned" if source == "eval" else "baseline"
-            lines.append(f"  {task:<10} {label:<10} " + "; ".join(parts))
+            lines.append(f"  {task:<10} {label:<10} " + ("; ".join(parts) or "not run yet"))
     tune = _read_json(reports / "tune" / "metrics.json")
     if tune.get("best"):
         baseline = (tune.get("baseline") or {}).get("value")
