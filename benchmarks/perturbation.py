@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine_load import wait_for_quiet
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = {
     "source": "issue #8: Geneformer InSilicoPerturber, delete, emb_mode cell, V1-10M shape, "
@@ -54,28 +56,6 @@ V1_10M = {
     "dropout": 0.02,
     "attention_dropout": 0.02,
 }
-
-
-def _busy_cpus(seconds: float = 1.0) -> float:
-    """How many CPUs were busy over the last ``seconds`` (from /proc/stat)."""
-
-    def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]
-
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    busy = 1 - (idle1 - idle0) / max(total1 - total0, 1)
-    return round(busy * (os.cpu_count() or 1), 2)
-
-
-def _wait_for_quiet(limit_s: float) -> float:
-    deadline = time.monotonic() + limit_s
-    busy = _busy_cpus()
-    while busy > 0.3 and time.monotonic() < deadline:
-        busy = _busy_cpus(2.0)
-    return busy
 
 
 # ------------------------------------------------------------------------------------------
@@ -262,7 +242,7 @@ def demo_worker(args: argparse.Namespace) -> dict:
 
 
 def run_config(extra: list[str], *, quiet_limit_s: float) -> dict:
-    busy = _wait_for_quiet(quiet_limit_s)
+    busy = wait_for_quiet(quiet_limit_s)
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", *extra],
         cwd=ROOT,

@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine_load import wait_for_quiet
+
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = {
     "source": "geneformer-spec.md section 2.8: Geneformer TranscriptomeTokenizer, h5ad, nproc=1, "
@@ -211,34 +213,10 @@ def _tree_rss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def _busy_cpus(seconds: float = 1.0) -> float:
-    """How many CPUs other work kept busy over the last ``seconds`` (from /proc/stat)."""
-
-    def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        idle = fields[3] + fields[4]
-        return sum(fields), idle
-
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    busy = 1 - (idle1 - idle0) / max(total1 - total0, 1)
-    return round(busy * (os.cpu_count() or 1), 2)
-
-
-def _wait_for_quiet(limit_s: float) -> float:
-    """Wait (up to ``limit_s``) until other processes keep less than 0.3 CPU busy."""
-    deadline = time.monotonic() + limit_s
-    busy = _busy_cpus()
-    while busy > 0.3 and time.monotonic() < deadline:
-        busy = _busy_cpus()
-    return busy
-
-
 def measure(config: dict, *, wait_s: float) -> dict:
     """Run one configuration in a fresh interpreter, sampling the RSS of its process tree."""
     env = {**os.environ, "ROSMAP_LOG_LEVEL": "WARNING", "TQDM_DISABLE": "1"}
-    busy_before = _wait_for_quiet(wait_s)
+    busy_before = wait_for_quiet(wait_s)
     start = time.perf_counter()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(

@@ -67,54 +67,11 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from machine_load import wait_for_quiet
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("dynamic", "max_padding")
 DEMO_VOCAB_SIZE = 2_494  # models/dictionaries/token_dictionary.pkl of the demo: 2,492 genes + 2
-
-
-def _busy_cpus(seconds: float = 1.0) -> float:
-    """How many CPUs were busy over the last ``seconds`` (from /proc/stat).
-
-    Parameters
-    ----------
-    seconds
-        Sampling interval.
-
-    Returns
-    -------
-    float
-        Busy CPUs (0 to ``os.cpu_count()``).
-    """
-
-    def sample() -> tuple[int, int]:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]
-
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    busy = 1 - (idle1 - idle0) / max(total1 - total0, 1)
-    return round(busy * (os.cpu_count() or 1), 2)
-
-
-def _wait_for_quiet(limit_s: float) -> float:
-    """Wait (up to ``limit_s``) until other processes keep less than 0.3 CPU busy.
-
-    Parameters
-    ----------
-    limit_s
-        Longest wait in seconds.
-
-    Returns
-    -------
-    float
-        Busy CPUs at the last sample.
-    """
-    deadline = time.monotonic() + limit_s
-    busy = _busy_cpus()
-    while busy > 0.3 and time.monotonic() < deadline:
-        busy = _busy_cpus(2.0)
-    return busy
 
 
 def _params() -> dict[str, Any]:
@@ -550,7 +507,7 @@ def measure(config: Mapping[str, Any], *, wait_s: float) -> dict[str, Any]:
     dict
         The worker's result, with the load before the run.
     """
-    busy = _wait_for_quiet(wait_s)
+    busy = wait_for_quiet(wait_s)
     load = os.getloadavg()
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result_path = Path(fh.name)
