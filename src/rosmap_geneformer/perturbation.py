@@ -345,34 +345,11 @@ def perturb_cells(
     engine_stats = engine_stats if engine_stats is not None else EngineStats()
     start_time = time.perf_counter()
     bar = tqdm(total=total, desc=f"perturb ({perturb_type})", unit="pert", disable=not progress)
-    chunk: list[int] = []
-    chunk_tokens = 0
     # A chunk holds enough perturbations for a few full forward passes, so that short cells share
     # batches, while the originals' gene embeddings held for gene mode stay bounded.
-    budget = 4 * max_tokens
+    costs = [int(counts[i] * lengths[i]) for i in order]
     try:
-        for i in order:
-            chunk.append(i)
-            chunk_tokens += int(counts[i] * lengths[i])
-            if chunk_tokens >= budget:
-                yield from _run_chunk(
-                    encoder,
-                    cells,
-                    positions,
-                    chunk,
-                    perturb_type=perturb_type,
-                    layer_index=layer_index,
-                    special_tokens=special_tokens,
-                    gene_mode=gene_mode,
-                    max_tokens=max_tokens,
-                    pad_token_id=pad_token_id,
-                    precision=precision,
-                    device=device,
-                    engine_stats=engine_stats,
-                    bar=bar,
-                )
-                chunk, chunk_tokens = [], 0
-        if chunk:
+        for chunk in _chunks(order, costs, budget=4 * max_tokens):
             yield from _run_chunk(
                 encoder,
                 cells,
@@ -392,6 +369,20 @@ def perturb_cells(
     finally:
         bar.close()
         engine_stats.seconds += time.perf_counter() - start_time
+
+
+def _chunks(items: Sequence[int], costs: Sequence[int], *, budget: int) -> Iterator[list[int]]:
+    """Consecutive groups of ``items``, each closed once its summed cost reaches ``budget``."""
+    chunk: list[int] = []
+    total = 0
+    for item, cost in zip(items, costs, strict=True):
+        chunk.append(item)
+        total += cost
+        if total >= budget:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
+        yield chunk
 
 
 def _batches(lengths: Sequence[int], max_tokens: int) -> Iterator[tuple[int, int]]:
