@@ -31,6 +31,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from transformers import BertModel
 
 from rosmap_geneformer.embeddings import PRECISIONS
+from rosmap_geneformer.params import check_known_keys
 from rosmap_geneformer.perturbation import (
     DEFAULT_MAX_TOKENS,
     EngineStats,
@@ -598,11 +599,7 @@ class GRNSettings:
     @classmethod
     def from_params(cls, values: Mapping[str, Any]) -> GRNSettings:
         """Build from ``params.yaml: grn`` (unknown keys are an error)."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            msg = f"params.yaml grn: unknown keys {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
+        check_known_keys(values, cls.__dataclass_fields__, section="grn")
         values = dict(values)
         for key in ("regulators", "k"):
             if key in values:

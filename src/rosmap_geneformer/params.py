@@ -7,7 +7,7 @@ keys ``dvc.yaml`` lists for it.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,21 @@ def get(params: Mapping[str, Any], dotted: str) -> Any:
             raise KeyError(msg)
         node = node[key]
     return node
+
+
+def check_known_keys(values: Mapping[str, Any], known: Iterable[str], *, section: str) -> None:
+    """Refuse keys of ``params.yaml: <section>`` that the code does not read (typos).
+
+    Raises
+    ------
+    ValueError
+        Naming the section, the unknown keys and the known ones.
+    """
+    known = set(known)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        msg = f"params.yaml {section}: unknown keys {unknown}; known: {sorted(known)}."
+        raise ValueError(msg)
 
 
 def raw_paths(params: Mapping[str, Any]) -> dict[str, Path]:

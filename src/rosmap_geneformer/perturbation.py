@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from transformers import BertModel
 
 from rosmap_geneformer.embeddings import PRECISIONS, hidden_states, mean_pool
+from rosmap_geneformer.params import check_known_keys
 
 logger = logging.getLogger(__name__)
 
@@ -451,14 +452,11 @@ def _run_chunk(
     ids = {i: np.asarray(cells[i]) for i in chunk}
     pos = {i: np.asarray(positions[i], dtype=np.int64) for i in chunk}
 
-    # Originals, longest first (the chunk is already in that order).
-    original_cell: dict[int, torch.Tensor] = {}
-    original_genes: dict[int, torch.Tensor] = {}
-    for a, b in _batches([len(ids[i]) for i in chunk], max_tokens):
-        members = chunk[a:b]
+    def forward(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of ``rows`` and their mean-pooled cell embeddings."""
         states, lengths = _forward(
             encoder,
-            [ids[i] for i in members],
+            rows,
             layer_index=layer_index,
             pad_token_id=pad_token_id,
             precision=precision,
@@ -468,6 +466,14 @@ def _run_chunk(
         pooled = mean_pool(
             states, lengths, exclude_first=special_tokens, exclude_last=special_tokens
         )
+        return states, pooled
+
+    # Originals, longest first (the chunk is already in that order).
+    original_cell: dict[int, torch.Tensor] = {}
+    original_genes: dict[int, torch.Tensor] = {}
+    for a, b in _batches([len(ids[i]) for i in chunk], max_tokens):
+        members = chunk[a:b]
+        states, pooled = forward([ids[i] for i in members])
         for r, i in enumerate(members):
             original_cell[i] = pooled[r]
             if gene_mode:
@@ -495,19 +501,7 @@ def _run_chunk(
     job_lengths = [encodings[i][0].shape[1] for i, _ in jobs]
     for a, b in _batches(job_lengths, max_tokens):
         batch = jobs[a:b]
-        rows = [encodings[i][0][r] for i, r in batch]
-        states, lengths = _forward(
-            encoder,
-            rows,
-            layer_index=layer_index,
-            pad_token_id=pad_token_id,
-            precision=precision,
-            device=device,
-            engine_stats=engine_stats,
-        )
-        pooled = mean_pool(
-            states, lengths, exclude_first=special_tokens, exclude_last=special_tokens
-        )
+        states, pooled = forward([encodings[i][0][r] for i, r in batch])
         # Write back per run of rows from the same cell (vectorised gene comparison).
         start = 0
         while start < len(batch):
@@ -998,11 +992,7 @@ class PerturbSettings:
     @classmethod
     def from_params(cls, values: Mapping[str, Any]) -> PerturbSettings:
         """Build from ``params.yaml: perturb`` (unknown keys are an error)."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            msg = f"params.yaml perturb: unknown keys {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
+        check_known_keys(values, cls.__dataclass_fields__, section="perturb")
         values = dict(values)
         for key in ("alt_states", "types"):
             if key in values:
