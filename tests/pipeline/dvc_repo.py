@@ -171,6 +171,19 @@ def copy_repo(source: Path, target: Path) -> Path:
     return target
 
 
+UP_TO_DATE = "Data and pipelines are up to date."
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    """Every out of dvc.lock: path -> md5 (``.dir`` for folders)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {
+        out["path"]: out["md5"]
+        for stage in lock["stages"].values()
+        for out in stage.get("outs", [])
+    }
+
+
 def cached_outs(repo: Path) -> set[str]:
     """Paths (as in dvc.lock) of the outs that DVC caches: data and models, not `cache: false`."""
     from dvc.repo import Repo

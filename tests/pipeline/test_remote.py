@@ -13,28 +13,27 @@ from pathlib import Path
 
 import pytest
 import yaml
-from dvc_repo import PROJECT, cached_outs, copy_repo, dvc, git, reproduced_template, stages_run
+from dvc_repo import (
+    PROJECT,
+    UP_TO_DATE,
+    cached_outs,
+    copy_repo,
+    dvc,
+    git,
+    lock_outs,
+    reproduced_template,
+    stages_run,
+)
 from s3 import S3Server, point_local_config, s3_server, use_remote
 
 pytestmark = pytest.mark.pipeline
 
 BUCKET = "rosmap-geneformer-test"
-UP_TO_DATE = "Data and pipelines are up to date."
 EXP = "exc-oli"
 
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def lock_outs(repo: Path) -> dict[str, str]:
-    """Every out of dvc.lock: path -> md5 (``.dir`` for folders)."""
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {
-        out["path"]: out["md5"]
-        for stage in lock["stages"].values()
-        for out in stage.get("outs", [])
-    }
 
 
 def file_hashes(repo: Path, paths: Iterator[str] | list[str]) -> dict[str, str]:

@@ -22,28 +22,19 @@ from pathlib import Path
 import pytest
 import yaml
 from dvc_repo import (
+    UP_TO_DATE,
     cached_outs,
     copy_repo,
     dvc,
     environment,
     git,
+    lock_outs,
     repro_seconds,
     reproduced_template,
     stages_run,
 )
 
 pytestmark = pytest.mark.pipeline
-
-UP_TO_DATE = "Data and pipelines are up to date."
-
-
-def lock_outs(repo: Path) -> dict[str, str]:
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    return {
-        out["path"]: out["md5"]
-        for stage in lock["stages"].values()
-        for out in stage.get("outs", [])
-    }
 
 
 def lock_stages(repo: Path) -> set[str]:
