@@ -18,8 +18,13 @@ The generative model, in short:
   perturbation, marker genes strongly up in their type. A donor adds a small per-gene offset; AD
   donors scale the AD genes by ``2 ** (log2_fold_change * severity)`` in the named cell types
   (severity drawn per donor, mean 1).
-- In the cell types where a TF program is active, each cell draws a latent activity ``a ~ N(0, 1)``;
-  the TF's mean scales with ``exp(0.7 a)`` and each target's mean with ``exp(weight * a)``.
+- A TF program is a cell state: in the cell types where it can be active, each cell draws a latent
+  activity ``a ~ N(0, 1)``, capped at 1.5, and the program is on where ``a > 0`` (half of the
+  cells). Where it is on, the TF's mean scales with ``exp(1.4 a)`` and each target's mean with
+  ``exp(weight * (1 + 2 a))``; where it is off, the TF is nearly silent (x 0.01) and its targets
+  stay at their baseline. The demo's small model learns such a switch, which the TF marks, from
+  a few thousand cells; from a graded co-variation alone (``exp(0.7 a)``) its deletions found no
+  target.
 - Counts are gamma-Poisson (negative binomial) around ``library size * profile``; ``MT-`` genes take
   1-3 % of a normal cell's counts. Low-quality cells have either a tiny library (multinomial, fewer
   than 150 UMIs, hence fewer than 150 genes) or 35-65 % mitochondrial counts. A doublet is the sum
@@ -176,7 +181,10 @@ _MARKER_HIGH = 40.0
 _MARKER_LOW = 0.02
 _TF_HIGH = 12.0
 _TF_LOW = 0.1
-_TF_SD = 0.7  # log-scale response of a TF's own expression to its activity
+_TF_RESPONSE = 1.4  # log-scale response of a TF's own expression to its activity, when on
+_TF_OFF = 0.01  # a TF's expression factor where its program is off
+_TARGET_RESPONSE = 2.0  # a target's log-scale response, when on: weight * (1 + 2 a)
+_MAX_ACTIVITY = 1.5  # programs saturate: an extreme activity would leave a cell few other genes
 _PROGRAM_FLOOR = 3.0  # targets and AD genes at least this weight where they act
 _THETA = 4.0  # gamma-Poisson shape for nuclear genes (variance mu + mu^2 / theta)
 _THETA_MT = 20.0
@@ -670,10 +678,15 @@ def _simulate_units(
         on = program["active"][major]
         if not on.any():
             continue
-        a = activity[on][:, None]
-        weights[on, program["tf"]] *= np.exp(_TF_SD * a[:, 0] - _TF_SD**2 / 2)
+        a = np.minimum(activity[on], _MAX_ACTIVITY)[:, None]
+        switched_on = a > 0
+        weights[on, program["tf"]] *= np.where(
+            switched_on[:, 0], np.exp(_TF_RESPONSE * a[:, 0]), _TF_OFF
+        )
         w = program["weights"][None, :]
-        weights[np.ix_(on, program["targets"])] *= np.exp(w * a - w**2 / 2)
+        weights[np.ix_(on, program["targets"])] *= np.where(
+            switched_on, np.exp(w * (1 + _TARGET_RESPONSE * a)), 1.0
+        )
     weights /= weights.sum(axis=1, keepdims=True)
 
     size = np.array([_SIZE_FACTORS[CELL_TYPES[t]] for t in major])

@@ -5,10 +5,13 @@ The pipeline never reads the truth; tests, benchmarks and the report do.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from rosmap_geneformer import genes
 from rosmap_geneformer.io import read_table
@@ -74,6 +77,82 @@ def mapping_against_truth(truth_genes: pd.DataFrame, gene_map: pd.DataFrame) -> 
         "mappable_recovered_fraction": float((got[mappable] == expected[mappable]).mean()),
         "unmappable_wrongly_mapped": int(((got != "") & ~mappable).sum()),
         "agreement_by_kind": by_kind,
+    }
+
+
+def perturbation_against_truth(
+    table: pd.DataFrame,
+    truth_ad: pd.DataFrame,
+    *,
+    perturb_type: str,
+    cell_types: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Where the planted AD genes rank in a ``perturb`` table, each in its expected direction.
+
+    Deleting a gene that AD raises should move AD cells towards control (the top of a table
+    ranked by the shift towards the goal); deleting one that AD lowers should move them further
+    towards AD (the bottom). Overexpression expects the opposite. Each planted gene's percentile
+    is taken from the end it is expected at, so 0 is the best place and random genes average 0.5.
+
+    Parameters
+    ----------
+    table
+        A ``reports/perturb/<type>.tsv`` table in its ranked order (column ``gene``: Ensembl id).
+    truth_ad
+        ``truth/ad_genes.tsv`` (``ensembl_id``, ``gene``, ``cell_types``, ``direction``).
+    perturb_type
+        ``"delete"`` or ``"overexpress"``.
+    cell_types
+        The cell types that were perturbed: planted genes acting only in other types are left
+        out. ``None``: all.
+
+    Returns
+    -------
+    ``planted_tested`` (planted genes in the table), ``genes`` (per gene: symbol, direction,
+    rank, expected-end percentile), ``mean_percentile``, ``auroc`` (probability that a planted
+    gene sits nearer its expected end than a random gene does to the top) and the one-sided
+    Mann-Whitney ``p`` of that comparison.
+    """
+    if perturb_type not in ("delete", "overexpress"):
+        msg = f"perturb_type={perturb_type!r}: use 'delete' or 'overexpress'."
+        raise ValueError(msg)
+    planted = truth_ad
+    if cell_types is not None:
+        acts = (
+            planted["cell_types"]
+            .str.split(",")
+            .map(lambda types: bool(set(types) & set(cell_types)))
+        )
+        planted = planted[acts.to_numpy(bool)]
+    n = len(table)
+    percentile = (np.arange(n) + 0.5) / n
+    position = {gene: i for i, gene in enumerate(table["gene"])}
+    rows = []
+    for gene in planted.itertuples():
+        if gene.ensembl_id not in position:
+            continue
+        i = position[gene.ensembl_id]
+        towards_top = (gene.direction == "up") == (perturb_type == "delete")
+        rows.append(
+            {
+                "symbol": gene.gene,
+                "direction": gene.direction,
+                "rank": i + 1,
+                "percentile": float(percentile[i] if towards_top else 1.0 - percentile[i]),
+            }
+        )
+    rows.sort(key=lambda r: r["rank"])
+    out: dict[str, Any] = {"genes_tested": n, "planted_tested": len(rows), "genes": rows}
+    if not rows:
+        return {**out, "mean_percentile": None, "auroc": None, "p": None}
+    planted_pct = np.array([r["percentile"] for r in rows])
+    others = np.delete(percentile, [r["rank"] - 1 for r in rows])
+    test = stats.mannwhitneyu(planted_pct, others, alternative="less")
+    return {
+        **out,
+        "mean_percentile": float(planted_pct.mean()),
+        "auroc": float(1.0 - test.statistic / (planted_pct.size * others.size)),
+        "p": float(test.pvalue),
     }
 
 
