@@ -1,4 +1,9 @@
-"""Score the demo pipeline's QC and gene mapping against the generator's planted truth.
+"""Score the demo pipeline's QC, gene mapping and perturbation ranking against the planted truth.
+
+The perturbation part: where the planted AD genes of the perturbed cell type rank in
+``reports/perturb/<type>.tsv``, each counted from the end its direction predicts
+(:func:`rosmap_geneformer.truth.perturbation_against_truth`). The GRN is scored by the ``grn``
+stage itself (``reports/grn/metrics.json``).
 
 Run after `dvc repro` (or `make demo`) from the project root:
 
@@ -30,6 +35,19 @@ def main() -> None:
         "gene_mapping": truth.mapping_against_truth(
             tables["genes"], genes.read_gene_map(get(params, "paths.gene_map"))
         ),
+    }
+    perturb = get(params, "perturb")
+    cell_types = None if perturb["cell_type"] is None else [perturb["cell_type"]]
+    reports = Path(get(params, "paths.reports")) / "perturb"
+    result["perturbation"] = {
+        kind: truth.perturbation_against_truth(
+            pd.read_csv(reports / f"{kind}.tsv", sep="\t"),
+            tables["ad_genes"],
+            perturb_type=kind,
+            cell_types=cell_types,
+        )
+        for kind in perturb["types"]
+        if (reports / f"{kind}.tsv").exists()
     }
     io.write_json(result, Path(get(params, "paths.reports")) / "benchmarks" / "demo_truth.json")
     print(json.dumps(result, indent=2))

@@ -138,7 +138,7 @@ def perturbation_against_truth(
                 "symbol": gene.gene,
                 "direction": gene.direction,
                 "rank": i + 1,
-                "percentile": float(percentile[i] if towards_top else 1.0 - percentile[i]),
+                "percentile": float(percentile[i] if towards_top else percentile[n - 1 - i]),
             }
         )
     rows.sort(key=lambda r: r["rank"])
