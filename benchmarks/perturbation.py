@@ -18,9 +18,13 @@ down:
   so its agreement with the float32 naive shifts is reported (largest difference, Spearman).
 
 Ours is compared with the naive shifts on the same perturbations (largest absolute difference
-of the cosines, Spearman correlation). Reference: Geneformer's own ``InSilicoPerturber`` on this machine type, 17.5
-perturbations/s at 512 tokens and 3.1 at 2,048, 3.4 GiB peak (issue #8). Also measured: the
-demo's fine-tuned model (``models/finetuned/disease``) on the demo's tokenized cells.
+of the cosines, Spearman correlation). ``float32_ceiling`` bounds every exact float32 method: the
+FLOPs of one deletion's forward pass at this machine's measured float32 matrix-product rate (of
+the model's fastest projection shape, and of a large square product, the CPU's peak).
+Reference: Geneformer's own ``InSilicoPerturber`` on this machine type, 17.5 perturbations/s at
+512 tokens and 3.1 at 2,048, 3.4 GiB peak (issue #8). Also measured: the
+demo's fine-tuned model (``models/finetuned/disease``) on the demo's tokenized cells, in float32
+and bfloat16 (with the agreement of the two on every shift).
 
 Results go to ``reports/benchmarks/perturbation.json``.
 """
@@ -126,6 +130,40 @@ def batched_shifts(
     return results[0].cell_cosines
 
 
+def flops_per_deletion(length: int, layers: int) -> float:
+    """Floating-point operations of one deletion's forward pass (``length - 1`` tokens through
+    ``layers`` layers of the V1-10M shape): the four attention projections, the feed-forward
+    pair, and the two attention products; layer norms, softmax and activations left out."""
+    d, ff, n = V1_10M["hidden_size"], V1_10M["intermediate_size"], length - 1
+    per_token = 2 * (4 * d * d + 2 * d * ff) + 2 * 2 * n * d
+    return float(layers * n * per_token)
+
+
+def gemm_worker(args: argparse.Namespace) -> dict:
+    """This machine's float32 matrix-product rates (GFLOP/s): at the model's projection shapes
+    (16,384 tokens; hidden 256, intermediate 512) and on a large square product (the peak)."""
+    import torch
+
+    shapes = {
+        "attention_projection_256x256": (16_384, 256, 256),
+        "ffn_up_256x512": (16_384, 256, 512),
+        "ffn_down_512x256": (16_384, 512, 256),
+        "square_2048": (2048, 2048, 2048),
+    }
+    out: dict = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        repeats, start = 20, time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        seconds = time.perf_counter() - start
+        out[name] = round(2 * m * k * n * repeats / seconds / 1e9, 1)
+    out["best_model_shape"] = max(v for name, v in out.items() if name != "square_2048")
+    return out
+
+
 def worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
@@ -133,6 +171,8 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     if args.method == "demo":
         return demo_worker(args)
+    if args.method == "gemm":
+        return gemm_worker(args)
     encoder = _model(args.seed)
     layer_index = V1_10M["num_hidden_layers"] - 1  # emb_layer=-1
     ids = _cell(args.length, args.seed)
@@ -197,6 +237,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 def demo_worker(args: argparse.Namespace) -> dict:
     import numpy as np
+    from scipy.stats import spearmanr
 
     from rosmap_geneformer import embeddings, io, perturbation
 
@@ -206,28 +247,46 @@ def demo_worker(args: argparse.Namespace) -> dict:
     rows = [i for i, t in enumerate(dataset["cell_type"]) if t == "Mic"][: args.cells]
     cells = [np.asarray(x) for x in dataset.select(rows)["input_ids"]]
     out = {"model": str(model_dir.relative_to(ROOT)), "cells": len(cells)}
+    positions = [np.arange(len(c)) for c in cells]
     for emb_layer in (0, -1):
         layer_index = embeddings.hidden_layer_index(config.num_hidden_layers, emb_layer)
-        positions = [np.arange(len(c)) for c in cells]
-        stats = perturbation.EngineStats()
-        for _ in perturbation.perturb_cells(
-            encoder,
-            cells,
-            positions,
-            perturb_type="delete",
-            layer_index=layer_index,
-            special_tokens=False,
-            max_tokens=args.max_tokens,
-            progress=False,
-            engine_stats=stats,
-        ):
-            pass
-        out[f"emb_layer_{emb_layer}"] = {
-            "perturbations": stats.perturbations,
-            "seconds": round(stats.seconds, 3),
-            "perturbations_per_s": round(stats.rate, 2),
-            "mean_length": float(np.mean([len(c) for c in cells])),
-        }
+        shifts = {}
+        for precision in ("float32", "bfloat16"):
+            stats = perturbation.EngineStats()
+            results = perturbation.perturb_cells(
+                encoder,
+                cells,
+                positions,
+                perturb_type="delete",
+                layer_index=layer_index,
+                special_tokens=False,
+                max_tokens=args.max_tokens,
+                precision=precision,
+                progress=False,
+                engine_stats=stats,
+            )
+            by_cell = {r.cell: 1.0 - r.cell_cosines for r in results}
+            shifts[precision] = np.concatenate([by_cell[i] for i in sorted(by_cell)])
+            suffix = "" if precision == "float32" else "_bf16"
+            out[f"emb_layer_{emb_layer}{suffix}"] = {
+                "perturbations": stats.perturbations,
+                "seconds": round(stats.seconds, 3),
+                "perturbations_per_s": round(stats.rate, 2),
+                "mean_length": float(np.mean([len(c) for c in cells])),
+            }
+        exact, fast = shifts["float32"], shifts["bfloat16"]
+        top = max(1, exact.size // 100)
+        out[f"emb_layer_{emb_layer}_bf16"].update(
+            {
+                "shift_median_float32": float(np.median(exact)),
+                "max_abs_shift_difference": float(np.max(np.abs(fast - exact))),
+                "spearman_vs_float32": float(spearmanr(fast, exact).statistic),
+                "top_1pct_overlap": len(
+                    set(np.argsort(-exact)[:top]) & set(np.argsort(-fast)[:top])
+                )
+                / top,
+            }
+        )
     out["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     out["architecture"] = {
         "num_hidden_layers": config.num_hidden_layers,
@@ -262,7 +321,7 @@ def run_config(extra: list[str], *, quiet_limit_s: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--method", default="batched", choices=["batched", "naive", "demo"])
+    parser.add_argument("--method", default="batched", choices=["batched", "naive", "demo", "gemm"])
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--perturbations", type=int, default=511)
     parser.add_argument("--check", type=int, default=0)
@@ -359,6 +418,27 @@ def main() -> None:
                 ours["cpu_normalised_per_s"] / naive["cpu_normalised_per_s"], 2
             ),
         }
+    # What an exact float32 method could reach at best: every FLOP at the measured rate of the
+    # model's fastest projection shape, or even at the CPU's large-matrix peak.
+    gemm = run_config(
+        ["--method", "gemm", "--threads", str(args.threads)], quiet_limit_s=args.quiet_limit
+    )
+    layers = V1_10M["num_hidden_layers"]  # emb_layer -1: the last layer is not needed
+    ceiling: dict = {"float32_gflop_per_s": gemm}
+    for length in ("512", "2048"):
+        flops = flops_per_deletion(int(length), layers - 1)
+        reference = REFERENCE["perturbations_per_s"][length]
+        ceiling[length] = {
+            "gflop_per_deletion": round(flops / 1e9, 3),
+            "gflop_per_s_needed_for_5x": round(5 * reference * flops / 1e9, 1),
+            "ceiling_at_model_shapes_vs_reference": round(
+                gemm["best_model_shape"] * 1e9 / flops / reference, 2
+            ),
+            "ceiling_at_peak_vs_reference": round(gemm["square_2048"] * 1e9 / flops / reference, 2),
+            "ours_gflop_per_s": round(
+                results[f"batched_{length}"]["perturbations_per_s"] * flops / 1e9, 1
+            ),
+        }
     report = {
         "note": "wall rates depend on other load (busy_cpus_before: CPUs other processes kept "
         "busy just before each run); cpu_normalised rates estimate an idle machine",
@@ -368,6 +448,7 @@ def main() -> None:
         "emb_layer": -1,
         "results": results,
         "speedup": ratios,
+        "float32_ceiling": ceiling,
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -379,7 +460,7 @@ def main() -> None:
     tmp = out.with_name(f".tmp-{out.name}")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out)
-    print(json.dumps(ratios, indent=2))
+    print(json.dumps({"speedup": ratios, "float32_ceiling": ceiling}, indent=2))
 
 
 if __name__ == "__main__":

@@ -186,8 +186,8 @@ def _autocast(device: torch.device, precision: str = "auto") -> Any:
 
     ``auto``: bfloat16 on GPUs that support it, float32 on the CPU (the exact reference).
     ``bfloat16``: bfloat16 matrix products (float32 accumulation, layer norms and softmax in
-    float32) on any device; on CPUs with AMX this is about 5x faster, and cosine shifts agree
-    with float32 to about 1% (``benchmarks/perturbation.py`` measures both).
+    float32) on any device; on CPUs with AMX this is about twice float32's rate, and cosine
+    shifts agree with float32 to about 1% (``benchmarks/perturbation.py`` measures both).
     ``float32``: no autocast.
     """
     if precision not in PRECISIONS:

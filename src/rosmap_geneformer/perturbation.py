@@ -962,7 +962,8 @@ class PerturbSettings:
         Tokens per forward pass (bounds memory).
     precision
         ``auto`` (bfloat16 on a GPU, exact float32 on the CPU), ``float32`` or ``bfloat16``
-        (bfloat16 matrix products; on CPUs with AMX about 5x faster, shifts within ~1%).
+        (bfloat16 matrix products; on CPUs with AMX about twice float32's rate, shifts within
+        ~1%).
     batch_size
         Cells per forward pass for the centroid embeddings.
     top_n
