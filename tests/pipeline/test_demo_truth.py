@@ -2,7 +2,7 @@
 
 Its own repository: more cells than the shared tiny pipeline (a program needs a few hundred cells
 of its cell types to be learned) but short cells (64 tokens), and the demo's model architecture
-pretrained for the demo's 10 epochs. About 2.5 minutes on 2 cores.
+pretrained for the demo's 10 epochs. About 2 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ TRUTH_PARAMS = {
     "sample": {"max_cells_per_patient_cell_type": 500, "max_cells_per_class": 5000},
     "base_model": {
         "architecture": SHIPPED["base_model"]["architecture"],
-        "pretrain": {"epochs": SHIPPED["base_model"]["pretrain"]["epochs"], "learning_rate": 1e-3},
+        "pretrain": {"epochs": SHIPPED["base_model"]["pretrain"]["epochs"]},
     },
     "train": {"epochs": 5},
     # Excitatory neurons: the most cells, and AD genes in both directions (APP up; BDNF, VGF,
