@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=seed,
         run_fingerprint=training.fingerprint(run),
     )
+    training.end_distributed()
 
 
 if __name__ == "__main__":
