@@ -15,6 +15,7 @@ from scipy import stats
 
 from rosmap_geneformer import genes
 from rosmap_geneformer.io import read_table
+from rosmap_geneformer.perturbation import PERTURB_TYPES
 
 
 def qc_against_truth(cells: pd.DataFrame, truth_cells: pd.DataFrame) -> dict[str, Any]:
@@ -113,8 +114,8 @@ def perturbation_against_truth(
     gene sits nearer its expected end than a random gene does to the top) and the one-sided
     Mann-Whitney ``p`` of that comparison.
     """
-    if perturb_type not in ("delete", "overexpress"):
-        msg = f"perturb_type={perturb_type!r}: use 'delete' or 'overexpress'."
+    if perturb_type not in PERTURB_TYPES:
+        msg = f"perturb_type={perturb_type!r}: use one of {list(PERTURB_TYPES)}."
         raise ValueError(msg)
     planted = truth_ad
     if cell_types is not None:
