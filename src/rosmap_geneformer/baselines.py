@@ -41,6 +41,7 @@ import pandas as pd
 from scipy import sparse
 
 from rosmap_geneformer import evaluation, io, training
+from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_cells
 
 logger = logging.getLogger(__name__)
 
@@ -137,30 +138,34 @@ def load_cells(path: str | Path) -> datasets.Dataset:
     return dataset.select_columns(list(META_COLUMNS))
 
 
-def cell_positions(adata: ad.AnnData, cell_ids: Sequence[str], *, source: str | Path) -> np.ndarray:
-    """Row positions of ``cell_ids`` in ``adata`` (in the order of ``cell_ids``).
+def cell_positions(names: pd.Index, cell_ids: Sequence[str], *, source: str | Path) -> np.ndarray:
+    """Positions of ``cell_ids`` among ``names`` (in the order of ``cell_ids``).
 
     Parameters
     ----------
-    adata
-        A sampled split: raw counts, ``obs_names`` = cell ids.
+    names
+        The cell ids of a sampled split's cell table (its index).
     cell_ids
         Cells the model sees (a tokenized dataset's ``cell_id`` column).
     source
-        The file ``adata`` came from, for messages.
+        The cell table's file, for messages.
 
     Raises
     ------
     ValueError
-        When a cell is not in ``adata`` (the sampled and tokenized files come from different runs).
+        When a cell is not in ``names`` (the sampled and tokenized files come from different runs).
     """
-    io.check_unique_obs_names(adata, source=source)
-    positions = adata.obs_names.get_indexer(pd.Index([str(c) for c in cell_ids]))
+    names = pd.Index(names)
+    if not names.is_unique:
+        dups = names[names.duplicated()].unique()
+        msg = f"{source}: {len(dups)} duplicate cell name(s), e.g. {list(dups[:5])}; rerun `dvc repro`."
+        raise ValueError(msg)
+    positions = names.get_indexer(pd.Index([str(c) for c in cell_ids]))
     missing = np.flatnonzero(positions < 0)
     if len(missing):
         examples = [str(cell_ids[i]) for i in missing[:5]]
         msg = (
-            f"{source}: {len(missing)} cell(s) of the tokenized dataset are not in obs_names, "
+            f"{source}: {len(missing)} cell(s) of the tokenized dataset are not in the cell table, "
             f"e.g. {examples}; the sampled and tokenized files are out of date with each other "
             "(rerun `dvc repro`)."
         )
@@ -439,11 +444,20 @@ def fit_baseline(
 # One call
 
 
+def _log_counts(
+    rows: SelectedRows, start: int, end: int, *, hyper: BaselineParams
+) -> sparse.csr_matrix:
+    counts = rows.read(start, end)
+    io.check_raw_values(counts, source=rows.path)
+    return log_normalize(counts, target_sum=hyper.target_sum)
+
+
 @dataclass
 class SplitInput:
-    """One split's files: the sampled counts and the tokenized dataset (for its cell set)."""
+    """One split's files: the sampled cell table, the count matrix and the tokenized dataset."""
 
-    counts: Path
+    cells: Path
+    matrix: Path
     tokenized: Path
 
 
@@ -491,31 +505,24 @@ def run_baseline(
     chosen = {"train": prepared.train, "val": prepared.val, "test": test}
 
     log_counts: dict[str, sparse.csr_matrix] = {}
+    readers: dict[str, SelectedRows] = {}
     counts_report: dict[str, dict[str, int]] = {}
-    genes: pd.Index | None = None
     for name, subset in chosen.items():
-        path = splits[name].counts
-        adata = io.read_h5ad(path)
-        if genes is None:
-            genes = adata.var_names
-        elif not adata.var_names.equals(genes):
-            msg = (
-                f"{path}: var_names differ from the train split's; every split must share one "
-                "gene space (rerun convert_genes and split)."
-            )
-            raise ValueError(msg)
-        io.check_raw_counts(adata, source=path)
+        split = splits[name]
+        table = read_cells(split.cells, what="sampled cell table")
         # Cells the tokenizer dropped are counted against the whole split, before task filters.
-        n_tokenized = len(cell_positions(adata, cells[name]["cell_id"], source=path))
-        rows = cell_positions(adata, subset["cell_id"], source=path)
+        n_tokenized = len(cell_positions(table.index, cells[name]["cell_id"], source=split.cells))
+        rows = cell_positions(table.index, subset["cell_id"], source=split.cells)
         counts_report[name] = {
-            "cells_in_h5ad": int(adata.n_obs),
+            "cells_sampled": len(table),
             "cells_tokenized": n_tokenized,
-            "cells_not_tokenized": int(adata.n_obs) - n_tokenized,
+            "cells_not_tokenized": len(table) - n_tokenized,
             "cells_for_task": len(rows),
         }
-        log_counts[name] = log_normalize(adata.X[rows], target_sum=hyper.target_sum)
-        del adata
+        readers[name] = SelectedRows(split.matrix, table[MATRIX_ROW].to_numpy()[rows])
+    # Train and val are bounded by the sampling caps; test (kept whole) is read block by block.
+    for name in ("train", "val"):
+        log_counts[name] = _log_counts(readers[name], 0, readers[name].n_obs, hyper=hyper)
 
     fitted = fit_baseline(
         log_counts["train"],
@@ -528,7 +535,16 @@ def run_baseline(
         hyper=hyper,
         seed=seed,
     )
-    probabilities = fitted.predict_proba(log_counts["test"])
+    test_rows = readers["test"]
+    blocks = [
+        fitted.predict_proba(_log_counts(test_rows, start, end, hyper=hyper))
+        for start, end in test_rows.chunks(_BLOCK_ROWS)
+    ]
+    probabilities = (
+        np.concatenate(blocks) if blocks else np.zeros((0, len(classes)), dtype=np.float64)
+    )
+    for reader in readers.values():
+        reader.close()
     result = evaluation.evaluate_predictions(
         test["cell_id"],
         test["patient_id"],

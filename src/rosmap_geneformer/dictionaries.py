@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from rosmap_geneformer.io import atomic_output
 
@@ -278,6 +279,7 @@ def build_dictionaries(
 def compute_nonzero_medians(
     path: str | Path,
     *,
+    cells: pd.DataFrame | None = None,
     chunk_size: int = 4096,
     target_sum: float = TARGET_SUM,
     n_bins: int = 256,
@@ -294,7 +296,11 @@ def compute_nonzero_medians(
     Parameters
     ----------
     path
-        An h5ad with raw counts in ``X`` (CSR or dense), ``var["ensembl_id"]``, ``obs["n_counts"]``.
+        An h5ad with raw counts in ``X`` (CSR or dense), ``var["ensembl_id"]`` and, without
+        ``cells``, ``obs["n_counts"]``.
+    cells
+        A cell table (:mod:`rosmap_geneformer.counts`) with ``n_counts``: only its cells are
+        read from ``path``, and its columns stand for ``obs``.
     chunk_size
         Cells per chunk.
     target_sum
@@ -307,16 +313,18 @@ def compute_nonzero_medians(
     ``(medians, report)``: Ensembl id -> median for every gene with a non-zero count, sorted by
     id; the report counts cells, genes, genes without expression and duplicate ids.
     """
+    from rosmap_geneformer.counts import H5adRows, cell_rows, read_cell_table, read_var
     from rosmap_geneformer.tokenizer import (
-        H5adRows,
         checked_n_counts,
         ensembl_ids,
         filter_pass_mask,
-        read_cell_table,
     )
 
-    source = H5adRows(path)
-    obs, var = read_cell_table(path)
+    if cells is None:
+        source = H5adRows(path)
+        obs, var = read_cell_table(path)
+    else:
+        source, obs, var = cell_rows(cells, path), cells, read_var(path)
     ids = ensembl_ids(var, source=path)
     valid = ids.notna().to_numpy() & (ids.astype(str).str.len() > 0).to_numpy()
     gene_names, gene_of_col = np.unique(ids[valid].astype(str).to_numpy(), return_inverse=True)
@@ -408,7 +416,7 @@ def _nonzero_entries(
     """Rows (chunk-local), columns and values of the non-zero counts of passing rows."""
     from scipy import sparse
 
-    from rosmap_geneformer.tokenizer import check_count_values
+    from rosmap_geneformer.counts import check_count_values
 
     if sparse.issparse(chunk):
         csr = sparse.csr_matrix(chunk)

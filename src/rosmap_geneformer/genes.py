@@ -16,7 +16,7 @@ import importlib.resources
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from scipy import sparse
+from tqdm.auto import tqdm
 
 from rosmap_geneformer import io
 
@@ -557,7 +558,7 @@ class GeneConversion:
     ----------
     adata
         Cells x Ensembl ids, raw counts (float32 CSR), ``var["ensembl_id"]``,
-        ``var["gene_symbol"]``, ``obs["n_counts"]``.
+        ``var["gene_symbol"]``, ``obs["n_counts"]``; ``None`` when the result went to a file.
     report
         The numbers for ``mapping.json``.
     lost
@@ -567,7 +568,7 @@ class GeneConversion:
         One row per input gene: :func:`map_symbols` plus ``total_counts``.
     """
 
-    adata: ad.AnnData
+    adata: ad.AnnData | None
     report: dict[str, Any]
     lost: pd.DataFrame
     mapping: pd.DataFrame
@@ -578,8 +579,7 @@ def _as_csr_float32(matrix: Any) -> sparse.csr_matrix:
     return csr.astype(np.float32) if csr.dtype != np.float32 else csr
 
 
-def _n_counts(x: sparse.csr_matrix) -> np.ndarray:
-    totals = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+def _n_counts(totals: np.ndarray) -> np.ndarray:
     # float32 holds integers exactly up to 2**24 UMIs per cell, far above any real nucleus.
     if totals.size and totals.max() >= 2**24:
         logger.warning("n_counts above 2**24: kept as float64 so that it stays exact")
@@ -592,6 +592,74 @@ def _joined_symbols(group: pd.DataFrame) -> str:
     return ";".join(dict.fromkeys(ordered["symbol"]))
 
 
+@dataclass
+class _Plan:
+    """What the conversion does to every row: the gene-by-id indicator and the output var."""
+
+    mapping: pd.DataFrame
+    kept: pd.DataFrame
+    indicator: sparse.csr_matrix
+    var: pd.DataFrame
+
+
+def _plan(
+    var_names: pd.Index, gene_map: pd.DataFrame, *, source: str | Path, gene_map_source: str | Path
+) -> _Plan:
+    mapping = map_symbols(var_names, gene_map)
+    mapping["position"] = np.arange(len(mapping))
+    kept = mapping[mapping["ensembl_id"] != ""]
+    if kept.empty:
+        examples = list(var_names[:5])
+        release = ", ".join(sorted(set(gene_map["release"].astype(str)))) or "?"
+        msg = (
+            f"{source}: none of the {len(var_names)} var_names (e.g. {examples}) maps to an Ensembl "
+            f"id with the gene map {gene_map_source} (human, Ensembl release {release}). Check "
+            "that the data are human and that var_names hold gene symbols (if the symbols sit in "
+            "a var column, make it the index) or human Ensembl ids (ENSG...)."
+        )
+        raise ValueError(msg)
+    ids = np.array(sorted(set(kept["ensembl_id"])), dtype=object)
+    column = pd.Series(np.arange(len(ids)), index=ids)
+    indicator = sparse.csr_matrix(
+        (
+            np.ones(len(kept), dtype=np.float32),
+            (kept["position"].to_numpy(), column[kept["ensembl_id"]].to_numpy()),
+        ),
+        shape=(len(var_names), len(ids)),
+    )
+    symbols = kept.groupby("ensembl_id", sort=True)[
+        ["symbol", "suffix_stripped", "position"]
+    ].apply(_joined_symbols)
+    var = pd.DataFrame(
+        {"ensembl_id": ids.astype(str), "gene_symbol": symbols.loc[ids].to_numpy().astype(str)},
+        index=pd.Index(ids.astype(str)),
+    )
+    return _Plan(mapping=mapping, kept=kept, indicator=indicator, var=var)
+
+
+def _converted_chunks(
+    rows: Any, plan: _Plan, *, chunk_size: int, source: str | Path, totals: dict[str, Any]
+) -> Iterator[sparse.csr_matrix]:
+    """Each row chunk with its genes summed into Ensembl ids; fills ``totals`` on the way."""
+    if chunk_size < 1:
+        msg = f"chunk_size={chunk_size}: must be at least 1 (params.yaml: compute.chunk_size)."
+        raise ValueError(msg)
+    gene_totals = np.zeros(rows.n_vars, dtype=np.float64)
+    cell_totals = np.zeros(rows.n_obs, dtype=np.float64)
+    starts = range(0, rows.n_obs, chunk_size)
+    for start in tqdm(starts, desc="convert_genes", unit="chunk", disable=len(starts) < 2):
+        end = min(start + chunk_size, rows.n_obs)
+        x = _as_csr_float32(rows.read(start, end))
+        io.check_raw_values(x, source=source)
+        cell_totals[start:end] = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
+        gene_totals += np.asarray(x.sum(axis=0, dtype=np.float64)).ravel()
+        summed = sparse.csr_matrix(x @ plan.indicator)
+        summed.eliminate_zeros()
+        summed.sort_indices()
+        yield summed
+    totals["genes"], totals["cells"] = gene_totals, cell_totals
+
+
 def convert_genes(
     adata: ad.AnnData,
     gene_map: pd.DataFrame,
@@ -600,7 +668,7 @@ def convert_genes(
     source: str | Path = "counts",
     gene_map_source: str | Path = "gene map",
 ) -> GeneConversion:
-    """Rename genes from symbols to Ensembl ids, summing symbols that share an id.
+    """Rename genes from symbols to Ensembl ids, summing symbols that share an id (in memory).
 
     Input checks: ``X`` holds raw integer counts, cell names are unique and ``obs`` has
     ``batch_key``. ``obs["n_counts"]`` is set to each cell's total count over *all* input genes,
@@ -611,6 +679,7 @@ def convert_genes(
     one column, as Geneformer's tokenizer does when it collapses duplicate ids; the sum is a sparse
     product ``X @ S`` with an indicator matrix ``S`` (genes x ids). Genes that do not map are
     dropped and listed in :attr:`GeneConversion.lost` with their total counts.
+    :func:`convert_genes_file` does the same, streamed from file to file.
 
     Parameters
     ----------
@@ -636,59 +705,118 @@ def convert_genes(
     ValueError
         On non-count ``X``, duplicate cell names, a missing batch column, or when no gene maps.
     """
-    io.check_raw_counts(adata, source=source)
+    from rosmap_geneformer.counts import AnnDataRows
+
     io.check_unique_obs_names(adata, source=source)
     io.check_obs_columns(adata, [batch_key], source=source)
-
-    x = _as_csr_float32(adata.X)
-    n_counts = _n_counts(x)
-    gene_totals = np.asarray(x.sum(axis=0, dtype=np.float64)).ravel()
-
-    mapping = map_symbols(adata.var_names, gene_map)
-    mapping["total_counts"] = np.rint(gene_totals).astype(np.int64)
-    mapping["position"] = np.arange(len(mapping))
-    kept = mapping[mapping["ensembl_id"] != ""]
-    if kept.empty:
-        examples = list(adata.var_names[:5])
-        release = ", ".join(sorted(set(gene_map["release"].astype(str)))) or "?"
-        msg = (
-            f"{source}: none of the {adata.n_vars} var_names (e.g. {examples}) maps to an Ensembl "
-            f"id with the gene map {gene_map_source} (human, Ensembl release {release}). Check "
-            "that the data are human and that var_names hold gene symbols (if the symbols sit in "
-            "a var column, make it the index) or human Ensembl ids (ENSG...)."
-        )
-        raise ValueError(msg)
-
-    ids = np.array(sorted(set(kept["ensembl_id"])), dtype=object)
-    column = pd.Series(np.arange(len(ids)), index=ids)
-    indicator = sparse.csr_matrix(
-        (
-            np.ones(len(kept), dtype=np.float32),
-            (kept["position"].to_numpy(), column[kept["ensembl_id"]].to_numpy()),
-        ),
-        shape=(adata.n_vars, len(ids)),
+    plan = _plan(adata.var_names, gene_map, source=source, gene_map_source=gene_map_source)
+    totals: dict[str, Any] = {}
+    rows = AnnDataRows(adata, source=str(source))
+    pieces = list(
+        _converted_chunks(rows, plan, chunk_size=max(adata.n_obs, 1), source=source, totals=totals)
     )
-    summed = sparse.csr_matrix(x @ indicator)
-    summed.eliminate_zeros()
-    summed.sort_indices()
-
-    symbols = kept.groupby("ensembl_id", sort=True)[
-        ["symbol", "suffix_stripped", "position"]
-    ].apply(_joined_symbols)
-    var = pd.DataFrame(
-        {"ensembl_id": ids.astype(str), "gene_symbol": symbols.loc[ids].to_numpy().astype(str)},
-        index=pd.Index(ids.astype(str)),
+    summed = (
+        sparse.vstack(pieces, format="csr")
+        if pieces
+        else sparse.csr_matrix((0, len(plan.var)), dtype=np.float32)
     )
-    obs = adata.obs.copy()
-    if "n_counts" in obs.columns:
-        logger.info(
-            "%s: obs['n_counts'] replaced by the total over all %d genes", source, adata.n_vars
-        )
-    obs["n_counts"] = n_counts
-    out = ad.AnnData(X=summed, obs=obs, var=var, uns=dict(adata.uns))
+    obs = _converted_obs(adata.obs, totals["cells"], source=source, n_genes=adata.n_vars)
+    out = ad.AnnData(X=summed, obs=obs, var=plan.var, uns=dict(adata.uns))
     for key, value in adata.obsm.items():
         out.obsm[key] = value
+    result = _conversion_result(
+        plan, totals["genes"], n_cells=adata.n_obs, gene_map=gene_map, source=source
+    )
+    result.adata = out
+    return result
 
+
+def convert_genes_file(
+    counts_path: str | Path,
+    output_path: str | Path,
+    gene_map: pd.DataFrame,
+    *,
+    batch_key: str = "batch",
+    chunk_size: int = 10_000,
+    gene_map_source: str | Path = "gene map",
+) -> GeneConversion:
+    """:func:`convert_genes` streamed: read ``chunk_size`` rows at a time, append them converted.
+
+    Memory is set by ``chunk_size`` (and the per-cell totals), never by the number of cells;
+    the output is the same bytes whatever ``chunk_size``. ``GeneConversion.adata`` is ``None``:
+    the result is the file at ``output_path`` (written atomically).
+    """
+    from rosmap_geneformer.counts import H5adRows, read_cell_table, streamed_h5ad
+
+    counts_path = Path(counts_path)
+    rows = H5adRows(counts_path)
+    try:
+        obs, var = read_cell_table(counts_path)
+    except (OSError, KeyError) as err:
+        msg = f"{counts_path}: not a readable h5ad (obs/var could not be read: {err}). Check the file (a truncated copy, or a Git LFS pointer?)."
+        raise ValueError(msg) from err
+    names = pd.Index(obs.index)
+    if not names.is_unique:
+        dups = names[names.duplicated()].unique()
+        msg = (
+            f"{counts_path}: {len(dups)} duplicate cell name(s) in obs_names, e.g. {list(dups[:5])}. "
+            "Cell names must be unique (`<library>_<barcode>-1`); prefix barcodes with their library."
+        )
+        raise ValueError(msg)
+    if batch_key not in obs.columns:
+        msg = (
+            f"{counts_path}: obs lacks column(s) {[batch_key]}; it has {list(obs.columns)}. "
+            "Add the column, or set its name under data.columns in params.yaml."
+        )
+        raise ValueError(msg)
+    plan = _plan(pd.Index(var.index), gene_map, source=counts_path, gene_map_source=gene_map_source)
+    totals: dict[str, Any] = {}
+    try:
+        with streamed_h5ad(output_path, n_vars=len(plan.var)) as out:
+            for chunk in _converted_chunks(
+                rows, plan, chunk_size=chunk_size, source=counts_path, totals=totals
+            ):
+                out.append(chunk)
+            out.obs = _converted_obs(obs, totals["cells"], source=counts_path, n_genes=len(var))
+            out.var = plan.var
+            out.uns = _read_uns(counts_path)
+    finally:
+        rows.close()
+    logger.info("wrote %s (%d cells x %d genes)", output_path, len(obs), len(plan.var))
+    return _conversion_result(
+        plan, totals["genes"], n_cells=len(obs), gene_map=gene_map, source=counts_path
+    )
+
+
+def _read_uns(path: Path) -> dict[str, Any]:
+    import h5py
+    from anndata.io import read_elem
+
+    with h5py.File(path, "r") as handle:
+        return dict(read_elem(handle["uns"])) if "uns" in handle else {}
+
+
+def _converted_obs(
+    obs: pd.DataFrame, cell_totals: np.ndarray, *, source: str | Path, n_genes: int
+) -> pd.DataFrame:
+    obs = obs.copy()
+    if "n_counts" in obs.columns:
+        logger.info("%s: obs['n_counts'] replaced by the total over all %d genes", source, n_genes)
+    obs["n_counts"] = _n_counts(cell_totals)
+    return obs
+
+
+def _conversion_result(
+    plan: _Plan,
+    gene_totals: np.ndarray,
+    *,
+    n_cells: int,
+    gene_map: pd.DataFrame,
+    source: str | Path,
+) -> GeneConversion:
+    mapping = plan.mapping
+    mapping["total_counts"] = np.rint(gene_totals).astype(np.int64)
+    kept = mapping[mapping["ensembl_id"] != ""]
     lost_rows = mapping[mapping["ensembl_id"] == ""]
     lost = pd.DataFrame(
         {
@@ -704,7 +832,7 @@ def convert_genes(
     ).reset_index(drop=True)
 
     report = _report(
-        mapping, kept, lost, n_out=len(ids), gene_totals=gene_totals, n_cells=adata.n_obs
+        mapping, kept, lost, n_out=len(plan.var), gene_totals=gene_totals, n_cells=n_cells
     )
     report["gene_map_release"] = ", ".join(sorted(set(gene_map["release"].astype(str))))
     logger.info(
@@ -718,7 +846,7 @@ def convert_genes(
         report["genes_lost"],
     )
     return GeneConversion(
-        adata=out, report=report, lost=lost, mapping=mapping.drop(columns="position")
+        adata=None, report=report, lost=lost, mapping=mapping.drop(columns="position")
     )
 
 
@@ -757,12 +885,14 @@ def _report(
 def write_conversion(
     result: GeneConversion,
     *,
-    h5ad: str | Path,
+    h5ad: str | Path | None,
     report: str | Path,
     lost: str | Path,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the converted AnnData, ``mapping.json`` (with ``extra`` entries) and the lost genes."""
-    io.write_h5ad(result.adata, h5ad)
+    """Write ``mapping.json`` (with ``extra`` entries), the lost genes and, when the result is in
+    memory and ``h5ad`` is given, the converted AnnData."""
+    if result.adata is not None and h5ad is not None:
+        io.write_h5ad(result.adata, h5ad)
     io.write_json({**result.report, **(extra or {})}, report)
     io.write_tsv(result.lost, lost)

@@ -30,6 +30,7 @@ from scipy import sparse, stats
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from transformers import BertModel
 
+from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_var
 from rosmap_geneformer.embeddings import PRECISIONS
 from rosmap_geneformer.params import check_known_keys
 from rosmap_geneformer.perturbation import (
@@ -674,7 +675,8 @@ def grn_dataset(
     *,
     settings: GRNSettings,
     annotation: pd.DataFrame,
-    counts: Any,
+    cells: pd.DataFrame,
+    matrix: str | Path,
     special_tokens: bool,
     pad_token_id: int = 0,
     seed: int = 0,
@@ -692,9 +694,12 @@ def grn_dataset(
         ``params.yaml: grn``.
     annotation
         Token -> ``ensembl_id``, ``symbol``.
-    counts
-        The sampled AnnData of the same split (raw counts; ``obs_names`` = cell ids,
-        ``var["ensembl_id"]``, ``obs["n_counts"]``), for the co-expression baseline.
+    cells
+        The sampled cell table of the same split (index: cell ids; ``n_counts``,
+        ``matrix_row``), for the co-expression baseline.
+    matrix
+        The count matrix (raw counts, ``var["ensembl_id"]``); only the rows of the cells used
+        for some regulator are read.
     special_tokens
         V2 layout.
     pad_token_id
@@ -781,26 +786,28 @@ def grn_dataset(
         edges[f"{role}_symbol"] = annotation["symbol"].reindex(edges[role]).to_numpy()
 
     # Co-expression on the same cells.
-    obs_index = pd.Index(counts.obs_names)
-    cell_rows = obs_index.get_indexer(np.asarray(subset["cell_id"], dtype=object))
+    cell_rows = pd.Index(cells.index).get_indexer(np.asarray(subset["cell_id"], dtype=object))
     if (cell_rows < 0).any():
         msg = (
-            f"grn: {(cell_rows < 0).sum()} tokenized cells are missing from the sampled h5ad of "
-            f"split {settings.split}; rerun tokenize and sample."
+            f"grn: {(cell_rows < 0).sum()} tokenized cells are missing from the sampled cell "
+            f"table of split {settings.split}; rerun tokenize and sample."
         )
         raise ValueError(msg)
-    column_of = {gene: j for j, gene in enumerate(counts.var["ensembl_id"])}
+    column_of = {gene: j for j, gene in enumerate(read_var(matrix)["ensembl_id"])}
     token_columns = {
         int(t): column_of[gene] for t, gene in annotation["ensembl_id"].items() if gene in column_of
     }
-    n_counts = np.asarray(counts.obs["n_counts"], dtype=np.float64)
-    matrix = counts.X if not hasattr(counts.X, "to_memory") else counts.X.to_memory()
+    regulator_rows = {r: cell_rows[c] for r, c in result.cells.items()}
+    used = np.unique(np.concatenate([np.zeros(0, np.int64), *regulator_rows.values()]))
+    reader = SelectedRows(matrix, cells[MATRIX_ROW].to_numpy(dtype=np.int64)[used])
+    used_counts = reader.read(0, reader.n_obs)
+    reader.close()
     edges["coexpression"] = coexpression_baseline(
         edges,
-        {r: cell_rows[c] for r, c in result.cells.items()},
-        matrix,
+        {r: np.searchsorted(used, rows) for r, rows in regulator_rows.items()},
+        used_counts,
         token_columns,
-        n_counts=n_counts,
+        n_counts=cells["n_counts"].to_numpy(dtype=np.float64)[used],
     )
     edges["random"] = random_baseline(len(edges), seed=seed)
     edges = edges[

@@ -211,28 +211,37 @@ def check_raw_counts(adata: ad.AnnData, *, source: str | Path) -> None:
         Naming the file, the first offending value and the fix.
     """
     for block in _iter_blocks(adata.X, adata.n_obs):
-        values = block.data if sparse.issparse(block) else np.asarray(block).ravel()
-        if values.size == 0:
-            continue
-        if not np.all(np.isfinite(values)):
-            msg = (
-                f"{source}: X contains NaN or infinite values. Provide raw integer UMI counts in X."
-            )
-            raise ValueError(msg)
-        if values.min() < 0:
-            msg = (
-                f"{source}: X has negative values (min {values.min():g}); it looks scaled or "
-                "centred. Provide raw integer UMI counts in X (e.g. from layers['counts'] or .raw)."
-            )
-            raise ValueError(msg)
-        fractional = values[values != np.round(values)]
-        if fractional.size:
-            msg = (
-                f"{source}: X holds non-integer values (e.g. {fractional[0]:g}), so it looks "
-                "normalised or log-transformed. Geneformer ranks raw counts: put raw integer UMI "
-                "counts in X (e.g. from layers['counts'] or .raw) and rerun."
-            )
-            raise ValueError(msg)
+        check_raw_values(block, source=source)
+
+
+def check_raw_values(block: Any, *, source: str | Path) -> None:
+    """Refuse a block of counts (sparse or dense) that is not raw, non-negative integers.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, the first offending value and the fix.
+    """
+    values = block.data if sparse.issparse(block) else np.asarray(block).ravel()
+    if values.size == 0:
+        return
+    if not np.all(np.isfinite(values)):
+        msg = f"{source}: X contains NaN or infinite values. Provide raw integer UMI counts in X."
+        raise ValueError(msg)
+    if values.min() < 0:
+        msg = (
+            f"{source}: X has negative values (min {values.min():g}); it looks scaled or "
+            "centred. Provide raw integer UMI counts in X (e.g. from layers['counts'] or .raw)."
+        )
+        raise ValueError(msg)
+    fractional = values[values != np.round(values)]
+    if fractional.size:
+        msg = (
+            f"{source}: X holds non-integer values (e.g. {fractional[0]:g}), so it looks "
+            "normalised or log-transformed. Geneformer ranks raw counts: put raw integer UMI "
+            "counts in X (e.g. from layers['counts'] or .raw) and rerun."
+        )
+        raise ValueError(msg)
 
 
 def check_unique_obs_names(adata: ad.AnnData, *, source: str | Path) -> None:

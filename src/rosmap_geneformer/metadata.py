@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import anndata as ad
 import numpy as np
 import pandas as pd
 
@@ -105,7 +104,7 @@ def ad_status(
 
 
 def attach_patients(
-    adata: ad.AnnData,
+    obs: pd.DataFrame,
     library_to_donor: pd.Series,
     *,
     batch_col: str,
@@ -119,13 +118,13 @@ def attach_patients(
     ValueError
         When the batch column is missing, or a library has no donor in the batch mapping.
     """
-    if batch_col not in adata.obs.columns:
+    if batch_col not in obs.columns:
         msg = (
             f"{source}: obs lacks the library column {batch_col!r} (columns: "
-            f"{list(adata.obs.columns)}). Set data.columns.batch in params.yaml."
+            f"{list(obs.columns)}). Set data.columns.batch in params.yaml."
         )
         raise ValueError(msg)
-    libraries = adata.obs[batch_col].astype(str)
+    libraries = obs[batch_col].astype(str)
     orphan = sorted(set(libraries) - set(library_to_donor.index))
     if orphan:
         msg = (
@@ -150,19 +149,19 @@ def check_donors_known(
 
 
 def annotate_cells(
-    adata: ad.AnnData,
+    cells: pd.DataFrame,
     *,
     annotation: pd.DataFrame,
     donors: pd.DataFrame,
     labels: pd.Series,
     columns: Mapping[str, str],
-) -> tuple[ad.AnnData, dict[str, Any]]:
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Join cell-type annotation and donor metadata; drop and count cells lacking either.
 
     Parameters
     ----------
-    adata
-        Cells with ``obs["patient_id"]``.
+    cells
+        A cell table (index: cell names) with ``patient_id``.
     annotation
         The cell annotation table (cell name, cell type, fine cell type columns).
     donors
@@ -174,7 +173,7 @@ def annotate_cells(
 
     Returns
     -------
-    The annotated cells (X untouched) and a report of counts.
+    The annotated cell table (the kept cells, in their order) and a report of counts.
     """
     cell_col, type_col = columns["cell"], columns["cell_type"]
     fine_col = columns.get("cell_type_fine")
@@ -184,10 +183,10 @@ def annotate_cells(
         msg = f"cell annotation: cell(s) {sorted(dup.unique())[:5]} are annotated more than once."
         raise ValueError(msg)
 
-    obs = adata.obs.copy()
-    cells = pd.Index(adata.obs_names)
-    has_type = cells.isin(annotation.index)
-    cell_type = annotation[type_col].reindex(cells)
+    obs = cells.copy()
+    names = pd.Index(cells.index)
+    has_type = names.isin(annotation.index)
+    cell_type = annotation[type_col].reindex(names)
     has_type &= cell_type.notna().to_numpy()
     status = obs["patient_id"].astype(str).map(labels)
     has_label = status.notna().to_numpy()
@@ -195,25 +194,25 @@ def annotate_cells(
 
     obs["cell_type"] = cell_type.to_numpy()
     if fine_col and fine_col in annotation.columns:
-        obs["cell_type_fine"] = annotation[fine_col].reindex(cells).to_numpy()
+        obs["cell_type_fine"] = annotation[fine_col].reindex(names).to_numpy()
     obs["ad_status"] = status.to_numpy()
     donor_cols = [c for c in donors.columns if c not in obs.columns]
     donor_info = donors[donor_cols].reindex(obs["patient_id"].astype(str))
     for col in donor_cols:
         obs[col] = donor_info[col].to_numpy()
 
-    out = ad.AnnData(X=adata.X, obs=obs, var=adata.var)[keep].copy()
+    out = obs[keep].copy()
     for col in ("cell_type", "ad_status", "cell_type_fine"):
-        if col in out.obs:
-            out.obs[col] = pd.Categorical(out.obs[col].astype(str))
+        if col in out:
+            out[col] = pd.Categorical(out[col].astype(str))
     report = {
-        "cells_in": int(adata.n_obs),
-        "cells_out": int(out.n_obs),
+        "cells_in": len(cells),
+        "cells_out": len(out),
         "dropped_no_cell_annotation": int((~has_type).sum()),
         "dropped_no_label": int((has_type & ~has_label).sum()),
-        "cells_per_cell_type": count_values(out.obs["cell_type"]),
-        "cells_per_ad_status": count_values(out.obs["ad_status"]),
-        "patients": int(out.obs["patient_id"].nunique()),
+        "cells_per_cell_type": count_values(out["cell_type"]),
+        "cells_per_ad_status": count_values(out["ad_status"]),
+        "patients": int(out["patient_id"].nunique()),
     }
     logger.info(
         "annotated %d of %d cells (%d without annotation, %d without label)",

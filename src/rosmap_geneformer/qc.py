@@ -5,8 +5,8 @@ per library (expected doublet rate 0.045, 20 principal components), removing pre
 :func:`run_qc` does the same, one library at a time, so that memory follows the largest library
 rather than the whole split:
 
-1. the input is opened backed (``anndata.read_h5ad(path, backed="r")``) and each library (the
-   ``batch`` column) is loaded alone, in sorted library order;
+1. the split's cell table says which rows of the one count matrix are its cells; each library
+   (the ``batch`` column) is read alone, in sorted library order, on ``workers`` processes;
 2. per cell: ``n_genes`` (genes with a count > 0), ``total_counts`` (over the genes in the matrix)
    and ``pct_counts_mt`` (genes whose ``var["gene_symbol"]`` starts with ``MT-``); ``n_counts``
    (the total over all genes before convert_genes dropped any) is kept as it is;
@@ -15,9 +15,8 @@ rather than the whole split:
    (a cell can fail several) and the sequential removals;
 4. :func:`scanpy.pp.scrublet` runs on a copy of the remaining raw counts of the library;
    predicted doublets are removed;
-5. each filtered library goes to a temporary h5ad; at the end
-   :func:`anndata.experimental.concat_on_disk` streams them into the output (libraries sorted,
-   cells in their original order within a library), so the merge does not load the split either.
+5. the output is the split's cell table (libraries sorted, cells in their original order
+   within a library) with every cell's metrics and fate; no counts are copied.
 
 Doublet threshold
 -----------------
@@ -46,8 +45,7 @@ above ~2,700 cells), whose numba compilation takes ~45 s on 2 cores; exact searc
 from __future__ import annotations
 
 import logging
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +54,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 from scipy import ndimage, sparse
-from tqdm.auto import tqdm
+from threadpoolctl import threadpool_limits
 
 from rosmap_geneformer import io
+from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_var, write_cells
+from rosmap_geneformer.parallel import ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ logger = logging.getLogger(__name__)
 QC_COLUMNS = ("n_genes", "total_counts", "pct_counts_mt", "doublet_score", "predicted_doublet")
 #: The cell filters, in the order the sequential counts apply them.
 FILTERS = ("min_genes", "min_counts", "max_pct_mito")
+#: Columns of the QC cell table that record each cell's fate (dropped once QC is applied).
+QC_FATE_COLUMNS = (*(f"fail_{name}" for name in FILTERS), "kept")
 #: Fixed bins of the doublet-score histograms kept for the plot (scores lie in [0, 1]).
 SCORE_BINS = np.linspace(0.0, 1.0, 401)
 
@@ -418,9 +420,8 @@ def run_scrublet(
 
 @dataclass(kw_only=True)
 class LibraryQC:
-    """QC of one library: the kept cells, a per-cell table of all cells and a summary row."""
+    """QC of one library: a per-cell table of all its cells and a summary row."""
 
-    adata: ad.AnnData
     cells: pd.DataFrame
     record: dict[str, Any]
     sim_hist: np.ndarray = field(default_factory=lambda: np.zeros(len(SCORE_BINS) - 1, np.int64))
@@ -444,8 +445,8 @@ def qc_library(
 
     Returns
     -------
-    The kept cells (``obs`` gains :data:`QC_COLUMNS`), a per-cell table of every input cell
-    (metrics, filter failures, doublet calls, ``kept``) and the library's report row.
+    A per-cell table of every input cell (metrics, filter failures, doublet calls, ``kept``) and
+    the library's report row.
     """
     metrics = compute_qc_metrics(adata.X, mito, index=adata.obs_names)
     failures = cell_filter_failures(metrics, settings)
@@ -491,16 +492,6 @@ def qc_library(
     cells["predicted_doublet"] = doublet
     cells["kept"] = kept
 
-    out = adata[np.flatnonzero(kept)].copy()
-    for column in (
-        "n_genes",
-        "total_counts",
-        "pct_counts_mt",
-        "doublet_score",
-        "predicted_doublet",
-    ):
-        out.obs[column] = cells[column].to_numpy()[kept]
-
     record: dict[str, Any] = {
         "library": library,
         "cells_in": int(adata.n_obs),
@@ -513,7 +504,7 @@ def qc_library(
         "doublets_predicted": int(doublet.sum()),
         "cells_out": int(kept.sum()),
     }
-    return LibraryQC(adata=out, cells=cells, record=record, sim_hist=sim_hist)
+    return LibraryQC(cells=cells, record=record, sim_hist=sim_hist)
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,7 +513,12 @@ def qc_library(
 
 @dataclass(kw_only=True)
 class QCResult:
-    """What :func:`run_qc` found: the report, the per-cell table and the libraries' rows."""
+    """What :func:`run_qc` found: the report, the per-cell table and the libraries' rows.
+
+    ``cells`` is the split's cell table in library order (sorted library ids, cells in their
+    input order within a library) with :data:`QC_COLUMNS`, ``fail_<filter>`` and ``kept``
+    added: every input cell and its fate.
+    """
 
     report: dict[str, Any]
     cells: pd.DataFrame
@@ -541,128 +537,163 @@ def _library_ids(column: pd.Series, *, source: Path, batch_key: str) -> list[str
     return sorted(pd.unique(column.astype(str)))
 
 
-def _restore_obs_dtypes(obs: pd.DataFrame, dtypes: Mapping[str, Any]) -> pd.DataFrame:
-    # Subsetting drops unused categories; put the input's categories back so that every library
-    # file (and so the merged output) carries the input's obs dtypes unchanged.
-    for column, dtype in dtypes.items():
-        if column in obs.columns and isinstance(dtype, pd.CategoricalDtype):
-            obs[column] = obs[column].astype(dtype)
-    return obs
-
-
 def _median(values: pd.Series) -> float | None:
     values = values.dropna()
     return float(values.median()) if len(values) else None
 
 
+@dataclass(frozen=True)
+class _LibraryTask:
+    """One library's work, picklable for worker processes."""
+
+    matrix: Path
+    library: str
+    positions: np.ndarray
+    names: pd.Index
+    mito: np.ndarray
+    settings: QCSettings
+
+
+def _qc_task(task: _LibraryTask) -> LibraryQC:
+    # One BLAS thread: Scrublet's PCA gives other scores with other thread counts (up to 0.02
+    # apart on the demo), and the result must not depend on compute.workers.
+    with threadpool_limits(limits=1):
+        return _qc_library_rows(task)
+
+
+def _qc_library_rows(task: _LibraryTask) -> LibraryQC:
+    reader = SelectedRows(task.matrix, task.positions)
+    try:
+        x = reader.read(0, reader.n_obs)
+    finally:
+        reader.close()
+    io.check_raw_values(x, source=task.matrix)
+    library = ad.AnnData(X=x, obs=pd.DataFrame(index=task.names))
+    return qc_library(library, library=task.library, mito=task.mito, settings=task.settings)
+
+
 def run_qc(
-    source: str | Path,
-    output: str | Path,
+    cells: pd.DataFrame,
+    matrix: str | Path,
     *,
     batch_key: str,
     settings: QCSettings,
     split: str = "",
+    source: str | Path | None = None,
+    workers: int = 1,
+    scheduler: str | None = None,
 ) -> QCResult:
-    """Run QC on one split file, one library at a time, and write the kept cells.
+    """Run QC on the cells of one split, one library at a time, reading their rows of ``matrix``.
 
     Parameters
     ----------
-    source
-        The input h5ad (raw counts, ``var[settings.symbol_column]``, ``obs[batch_key]``).
-    output
-        The output h5ad, written atomically; ``X`` stays the raw counts.
+    cells
+        The split's cell table (index: cell names; ``batch_key`` and ``matrix_row``).
+    matrix
+        The count matrix (raw counts, ``var["gene_symbol"]``).
     batch_key
-        ``obs`` column with the library id (``data.columns.batch``).
+        The column with the library id (``data.columns.batch``).
     settings
         Thresholds and Scrublet options.
     split
         Split name, for messages.
+    source
+        The cell table's file, for messages.
+    workers, scheduler
+        Libraries run on ``workers`` processes, or on the Dask cluster at ``scheduler``
+        (:func:`rosmap_geneformer.parallel.ordered_map`); the result does not depend on either.
 
     Returns
     -------
-    The report and the tables the plots need.
+    The report, the per-cell table and what the plots need.
 
     Raises
     ------
     ValueError
-        When ``obs`` lacks ``batch_key``, ``var`` lacks the symbol column, ``X`` is not raw counts
-        or no cell passes.
+        When the table lacks ``batch_key``, ``var`` lacks the symbol column, ``X`` is not raw
+        counts or no cell passes.
     """
-    source, output = Path(source), Path(output)
-    backed = io.read_h5ad(source, backed=True)
-    try:
-        if batch_key not in backed.obs.columns:
-            msg = (
-                f"{source}: obs lacks the library column {batch_key!r} (params.yaml: "
-                f"data.columns.batch); obs has {list(backed.obs.columns)}. Set data.columns.batch "
-                "to the obs column holding each cell's library id."
-            )
-            raise ValueError(msg)
-        if settings.symbol_column not in backed.var.columns:
-            msg = (
-                f"{source}: var lacks column {settings.symbol_column!r} needed to find the "
-                f"mitochondrial genes; var has {list(backed.var.columns)}. Run the convert_genes "
-                "stage, which writes var['gene_symbol']."
-            )
-            raise ValueError(msg)
-        io.check_unique_obs_names(backed, source=source)
-        mito = mito_genes(
-            backed.var, symbol_column=settings.symbol_column, prefix=settings.mito_prefix
+    matrix = Path(matrix)
+    source = Path(source) if source is not None else matrix
+    if batch_key not in cells.columns:
+        msg = (
+            f"{source}: the cell table lacks the library column {batch_key!r} (params.yaml: "
+            f"data.columns.batch); it has {list(cells.columns)}. Set data.columns.batch "
+            "to the obs column holding each cell's library id."
         )
-        mito_warning = None
-        if not mito.any():
-            mito_warning = (
-                f"no genes with a symbol starting with {settings.mito_prefix!r} in "
-                f"var[{settings.symbol_column!r}]; pct_counts_mt is 0 for every cell and the "
-                "max_pct_mito filter removes nothing"
-            )
-            logger.warning("%s: %s", source, mito_warning)
-        obs_dtypes = dict(backed.obs.dtypes.items())
-        libraries = _library_ids(backed.obs[batch_key], source=source, batch_key=batch_key)
-        batch_values = backed.obs[batch_key].astype(str).to_numpy()
+        raise ValueError(msg)
+    var = read_var(matrix)
+    if settings.symbol_column not in var.columns:
+        msg = (
+            f"{matrix}: var lacks column {settings.symbol_column!r} needed to find the "
+            f"mitochondrial genes; var has {list(var.columns)}. Run the convert_genes "
+            "stage, which writes var['gene_symbol']."
+        )
+        raise ValueError(msg)
+    names = pd.Index(cells.index)
+    if not names.is_unique:
+        dups = names[names.duplicated()].unique()
+        msg = f"{source}: {len(dups)} duplicate cell name(s), e.g. {list(dups[:5])}. Cell names must be unique."
+        raise ValueError(msg)
+    mito = mito_genes(var, symbol_column=settings.symbol_column, prefix=settings.mito_prefix)
+    mito_warning = None
+    if not mito.any():
+        mito_warning = (
+            f"no genes with a symbol starting with {settings.mito_prefix!r} in "
+            f"var[{settings.symbol_column!r}]; pct_counts_mt is 0 for every cell and the "
+            "max_pct_mito filter removes nothing"
+        )
+        logger.warning("%s: %s", matrix, mito_warning)
+    libraries = _library_ids(cells[batch_key], source=source, batch_key=batch_key)
+    batch_values = cells[batch_key].astype(str).to_numpy()
+    rows = cells[MATRIX_ROW].to_numpy(dtype=np.int64)
+    members = [np.flatnonzero(batch_values == library) for library in libraries]
+    tasks = [
+        _LibraryTask(
+            matrix=matrix,
+            library=library,
+            positions=rows[member],
+            names=names[member],
+            mito=mito,
+            settings=settings,
+        )
+        for library, member in zip(libraries, members, strict=True)
+    ]
+    tables: list[pd.DataFrame] = []
+    records: list[dict[str, Any]] = []
+    sim_hist = np.zeros(len(SCORE_BINS) - 1, dtype=np.int64)
+    results = ordered_map(
+        _qc_task,
+        tasks,
+        workers=workers,
+        scheduler=scheduler,
+        desc=f"qc {split}".strip(),
+        unit="library",
+    )
+    for lib in results:
+        tables.append(lib.cells.drop(columns="library"))
+        records.append(lib.record)
+        sim_hist += lib.sim_hist
+    order = np.concatenate(members) if members else np.zeros(0, dtype=np.int64)
+    fate = pd.concat(tables) if tables else pd.DataFrame()
+    table = cells.iloc[order].copy()
+    for column in fate.columns:
+        table[column] = fate[column].to_numpy()
+    n_out = int(table["kept"].sum()) if len(table) else 0
+    if n_out == 0:
+        msg = (
+            f"{source}: QC of split {split or source.stem!r} kept no cell of "
+            f"{len(cells)}: min_genes={settings.min_genes}, min_counts="
+            f"{settings.min_counts}, max_pct_mito={settings.max_pct_mito} "
+            f"(params.yaml: qc). Check the thresholds against the report's medians or "
+            "the input's counts."
+        )
+        raise ValueError(msg)
 
-        tables: list[pd.DataFrame] = []
-        records: list[dict[str, Any]] = []
-        sim_hist = np.zeros(len(SCORE_BINS) - 1, dtype=np.int64)
-        pieces: list[Path] = []
-        with tempfile.TemporaryDirectory(
-            prefix=f".tmp-qc-{output.stem}-", dir=_parent(output)
-        ) as tmp:
-            for number, library in enumerate(
-                tqdm(libraries, desc=f"qc {split}".strip(), unit="library")
-            ):
-                rows = np.flatnonzero(batch_values == library)
-                chunk = backed[rows].to_memory()
-                io.check_raw_counts(chunk, source=source)
-                lib = qc_library(chunk, library=library, mito=mito, settings=settings)
-                del chunk
-                tables.append(lib.cells)
-                records.append(lib.record)
-                sim_hist += lib.sim_hist
-                if lib.adata.n_obs:
-                    lib.adata.obs = _restore_obs_dtypes(lib.adata.obs, obs_dtypes)
-                    piece = Path(tmp) / f"{number:06d}.h5ad"
-                    lib.adata.write_h5ad(piece)
-                    pieces.append(piece)
-            cells = pd.concat(tables) if tables else pd.DataFrame()
-            n_out = int(cells["kept"].sum()) if len(cells) else 0
-            if n_out == 0:
-                msg = (
-                    f"{source}: QC of split {split or source.stem!r} kept no cell of "
-                    f"{backed.n_obs}: min_genes={settings.min_genes}, min_counts="
-                    f"{settings.min_counts}, max_pct_mito={settings.max_pct_mito} "
-                    f"(params.yaml: qc). Check the thresholds against the report's medians or "
-                    "the input's counts."
-                )
-                raise ValueError(msg)
-            _combine(pieces, output, n_obs=n_out, uns=dict(backed.uns), workdir=Path(tmp))
-    finally:
-        backed.file.close()
-
-    table = pd.DataFrame.from_records(records)
+    libraries_table = pd.DataFrame.from_records(records)
     report = _report(
-        cells,
         table,
+        libraries_table,
         records,
         settings=settings,
         split=split,
@@ -679,43 +710,8 @@ def run_qc(
         report["libraries"],
     )
     return QCResult(
-        report=report, cells=cells, libraries=table, sim_hist=sim_hist, settings=settings
+        report=report, cells=table, libraries=libraries_table, sim_hist=sim_hist, settings=settings
     )
-
-
-def _parent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.parent
-
-
-def _combine(
-    pieces: list[Path], output: Path, *, n_obs: int, uns: dict[str, Any], workdir: Path
-) -> None:
-    """Stream the per-library files into ``output`` and check the result."""
-    import h5py
-    from anndata.experimental import concat_on_disk
-    from anndata.io import write_elem
-
-    with io.atomic_output(output) as tmp:
-        # merge="same" keeps var (gene_symbol, ensembl_id: identical in every piece).
-        # concat_on_disk picks the format from the suffix, which the atomic temp name lacks.
-        merged = workdir / "merged.h5ad"
-        concat_on_disk(list(pieces), merged, merge="same")
-        # concat_on_disk (anndata 0.12) ignores uns_merge: put the input's uns back.
-        with h5py.File(merged, "r+") as handle:
-            if "uns" in handle:
-                del handle["uns"]
-            write_elem(handle, "uns", uns)
-        merged.replace(tmp)
-        written = ad.read_h5ad(tmp, backed="r")
-        try:
-            if written.n_obs != n_obs:
-                msg = f"{output}: merged {written.n_obs} cells, expected {n_obs}."
-                raise RuntimeError(msg)
-            io.check_raw_counts(written, source=output)
-        finally:
-            written.file.close()
-    logger.info("wrote %s (%d cells) from %d libraries", output, n_obs, len(pieces))
 
 
 def _report(
@@ -928,14 +924,15 @@ def plot_doublet_scores(result: QCResult) -> Any:
 def write_reports(
     result: QCResult, *, report: str | Path, plots: str | Path, cells: str | Path
 ) -> None:
-    """Write the JSON report, the per-library TSV, the two PNGs and the per-cell table.
+    """Write the JSON report, the per-library TSV, the two PNGs and the cell table.
 
-    The per-cell table lists every input cell with its metrics, the filters it failed, its
-    doublet score and call, and whether it was kept, so no removal goes unrecorded.
+    The cell table (Parquet) lists every input cell with its metrics, the filters it failed, its
+    doublet score and call, and whether it was kept, so no removal goes unrecorded; the stages
+    after QC read the kept cells from it.
     """
     plots = Path(plots)
     io.write_json(result.report, report)
-    io.write_tsv(result.cells, cells, index=True)
+    write_cells(result.cells, cells)
     io.write_tsv(result.libraries, plots / "libraries.tsv")
     io.save_figure(plot_qc_distributions(result), plots / "qc_distributions.png")
     io.save_figure(plot_doublet_scores(result), plots / "doublet_scores.png")

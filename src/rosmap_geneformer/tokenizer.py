@@ -46,6 +46,14 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from rosmap_geneformer.counts import (
+    AnnDataRows,
+    H5adRows,
+    cell_rows,
+    check_count_values,
+    read_cell_table,
+    read_var,
+)
 from rosmap_geneformer.dictionaries import (
     CLS,
     EOS,
@@ -61,190 +69,6 @@ CELL_ID = "cell_id"
 DEFAULT_COLUMNS = ("cell_id", "patient_id", "cell_type", "ad_status")
 # datasets' default shard size for save_to_disk.
 MAX_SHARD_BYTES = 500 * 10**6
-
-
-# --------------------------------------------------------------------------------------------
-# Input: row chunks of an h5ad (h5py) or of an in-memory AnnData
-# --------------------------------------------------------------------------------------------
-class H5adRows:
-    """Read row chunks of ``X`` from an h5ad file with h5py, without loading the whole matrix.
-
-    Picklable (the file is reopened lazily in each process). ``kind`` is ``"sparse"`` for a CSR
-    ``X`` and ``"dense"`` for a dense one; CSC is refused because it cannot be read by rows.
-
-    Parameters
-    ----------
-    path
-        The h5ad file.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        import h5py
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            msg = f"{self.path}: input h5ad not found. Check the path (or run `dvc repro`)."
-            raise FileNotFoundError(msg)
-        self._file: Any = None
-        self._buffers: dict[str, np.ndarray] = {}
-        with h5py.File(self.path, "r") as fh:
-            if "X" not in fh:
-                msg = f"{self.path}: no X in the file; it must hold the raw counts in X."
-                raise ValueError(msg)
-            node = fh["X"]
-            if isinstance(node, h5py.Dataset):
-                self.kind = "dense"
-                self.n_obs, self.n_vars = (int(s) for s in node.shape)
-                self.dtype = node.dtype
-            else:
-                encoding = _text(node.attrs.get("encoding-type", node.attrs.get("h5sparse_format")))
-                if encoding in ("csc_matrix", "csc"):
-                    msg = (
-                        f"{self.path}: X is stored as CSC, which cannot be streamed by cells. "
-                        "Rewrite it as CSR (adata.X = scipy.sparse.csr_matrix(adata.X); "
-                        "adata.write_h5ad(...))."
-                    )
-                    raise ValueError(msg)
-                if encoding not in ("csr_matrix", "csr"):
-                    msg = (
-                        f"{self.path}: unsupported X encoding {encoding!r}; expected CSR or dense."
-                    )
-                    raise ValueError(msg)
-                self.kind = "sparse"
-                shape = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
-                self.n_obs, self.n_vars = (int(s) for s in shape)
-                self.dtype = node["data"].dtype
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_file"] = None
-        state["_buffers"] = {}
-        return state
-
-    def _open(self) -> Any:
-        if self._file is None:
-            import h5py
-
-            self._file = h5py.File(self.path, "r")
-        return self._file
-
-    def close(self) -> None:
-        """Close the file handle of this process and drop the buffers."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._buffers = {}
-
-    def read_csr(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(data, indices, indptr)`` of rows ``start:end``, ``indptr`` starting at 0.
-
-        ``data`` and ``indices`` are views of buffers reused by the next call.
-        """
-        group = self._open()["X"]
-        indptr = group["indptr"][start : end + 1].astype(np.int64)
-        lo, hi = int(indptr[0]), int(indptr[-1])
-        return (
-            self._read_into(group["data"], lo, hi),
-            self._read_into(group["indices"], lo, hi),
-            indptr - lo,
-        )
-
-    def _read_into(self, dataset: Any, lo: int, hi: int) -> np.ndarray:
-        # Reading into a reused buffer avoids allocating and page-faulting ~10 MB per chunk.
-        size = hi - lo
-        buffer = self._buffers.get(dataset.name)
-        if buffer is None or buffer.size < size:
-            buffer = np.empty(max(size, 1 << 16), dtype=dataset.dtype)
-            self._buffers[dataset.name] = buffer
-        if size:
-            dataset.read_direct(buffer, np.s_[lo:hi], np.s_[0:size])
-        return buffer[:size]
-
-    def read(self, start: int, end: int) -> Any:
-        """Rows ``start:end`` as a CSR matrix or a dense array (as stored)."""
-        if self.kind == "dense":
-            return self._open()["X"][start:end]
-        data, indices, indptr = self.read_csr(start, end)
-        return sparse.csr_matrix((data, indices, indptr), shape=(end - start, self.n_vars))
-
-
-class AnnDataRows:
-    """The same interface over an in-memory AnnData (CSR, CSC or dense ``X``)."""
-
-    def __init__(self, adata: Any, *, source: str = "AnnData") -> None:
-        self.adata = adata
-        self.path = source
-        self.kind = "sparse" if sparse.issparse(adata.X) else "dense"
-        self.n_obs, self.n_vars = adata.shape
-        self.dtype = adata.X.dtype
-
-    def read_csr(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(data, indices, indptr)`` of rows ``start:end``."""
-        chunk = sparse.csr_matrix(self.adata.X[start:end])
-        return chunk.data, chunk.indices, chunk.indptr.astype(np.int64)
-
-    def read(self, start: int, end: int) -> Any:
-        """Rows ``start:end`` as stored (CSC rows come back as CSR)."""
-        chunk = self.adata.X[start:end]
-        if sparse.issparse(chunk):
-            return sparse.csr_matrix(chunk)
-        return np.asarray(chunk)
-
-    def close(self) -> None:
-        """Nothing to close."""
-
-
-def _text(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode()
-    return None if value is None else str(value)
-
-
-def read_cell_table(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``(obs, var)`` of an h5ad, read without touching ``X``."""
-    import h5py
-    from anndata.io import read_elem
-
-    with h5py.File(path, "r") as fh:
-        return read_elem(fh["obs"]), read_elem(fh["var"])
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks shared with dictionaries.compute_nonzero_medians
-# --------------------------------------------------------------------------------------------
-def check_count_values(values: np.ndarray, *, source: str | Path) -> float | None:
-    """Refuse values that are not finite, non-negative integers (log-normalised, scaled, ...).
-
-    Returns
-    -------
-    The smallest value (``None`` when there is none).
-    """
-    if values.size == 0:
-        return None
-    if values.dtype.kind not in "iuf":
-        msg = f"{source}: X has dtype {values.dtype}; expected raw counts (integer or float)."
-        raise ValueError(msg)
-    low, high = values.min(), values.max()
-    if values.dtype.kind == "f" and not (np.isfinite(low) and np.isfinite(high)):
-        msg = f"{source}: X contains NaN or infinite values. Provide raw integer UMI counts in X."
-        raise ValueError(msg)
-    if low < 0:
-        msg = (
-            f"{source}: X has negative values (min {low:g}); it looks scaled or centred. "
-            "Geneformer ranks raw counts: put raw integer UMI counts in X."
-        )
-        raise ValueError(msg)
-    if values.dtype.kind == "f":
-        fractional = np.trunc(values) != values
-        if fractional.any():
-            example = values[np.argmax(fractional)]
-            msg = (
-                f"{source}: X holds non-integer values (e.g. {example:g}), so it looks normalised "
-                "or log-transformed. Geneformer normalises by itself and must get raw integer UMI "
-                "counts: put them in X (e.g. from layers['counts'] or .raw) and rerun."
-            )
-            raise ValueError(msg)
-    return float(low)
 
 
 def filter_pass_mask(obs: pd.DataFrame) -> np.ndarray:
@@ -957,6 +781,38 @@ def tokenize_h5ad(
         rows,
         obs,
         var,
+        output_path,
+        dictionaries=dictionaries,
+        model_input_size=model_input_size,
+        special_tokens=special_tokens,
+        columns=columns,
+        chunk_size=chunk_size,
+        nproc=nproc,
+    )
+
+
+def tokenize_cells(
+    cells: pd.DataFrame,
+    matrix_path: str | Path,
+    output_path: str | Path,
+    *,
+    dictionaries: GeneDictionaries,
+    model_input_size: int = 2048,
+    special_tokens: bool = False,
+    columns: Sequence[str] = DEFAULT_COLUMNS,
+    chunk_size: int = 512,
+    nproc: int = 1,
+) -> dict[str, Any]:
+    """:func:`tokenize_h5ad` for the cells of a cell table, read from the one count matrix.
+
+    ``cells`` stands for ``obs`` (index: cell ids, ``n_counts``, the label columns) and its
+    ``matrix_row`` column says which row of ``matrix_path`` holds each cell's counts; the output
+    keeps the table's order.
+    """
+    return _tokenize(
+        cell_rows(cells, matrix_path),
+        cells,
+        read_var(matrix_path),
         output_path,
         dictionaries=dictionaries,
         model_input_size=model_input_size,

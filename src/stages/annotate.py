@@ -1,12 +1,17 @@
-"""Stage annotate@{split}: join cell types and donor metadata, derive AD status."""
+"""Stage annotate@{split}: join cell types and donor metadata, derive AD status.
+
+Reads the QC cell table ${paths.qc}/{split}.parquet and keeps the cells QC kept; writes the cell
+table ${paths.annotated}/{split}.parquet (no counts).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import io, metadata
+from rosmap_geneformer import counts, io, metadata
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, raw_paths, stage_arguments
+from rosmap_geneformer.qc import QC_FATE_COLUMNS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -14,10 +19,14 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     columns = get(params, "data.columns")
     raw = raw_paths(params)
-    in_path = Path(get(params, "paths.qc")) / f"{args.split}.h5ad"
+    in_path = Path(get(params, "paths.qc")) / f"{args.split}.parquet"
 
-    adata = io.read_h5ad(in_path)
-    io.check_obs_columns(adata, ["patient_id"], source=in_path)
+    qc_cells = counts.read_cells(in_path, what="QC cell table")
+    missing = [c for c in ("patient_id", "kept") if c not in qc_cells.columns]
+    if missing:
+        msg = f"{in_path}: the QC cell table lacks column(s) {missing}; rerun `dvc repro qc@{args.split}`."
+        raise ValueError(msg)
+    kept = qc_cells[qc_cells["kept"].to_numpy(dtype=bool)].drop(columns=list(QC_FATE_COLUMNS))
     annotation = io.read_table(
         raw["cell_annotation"],
         required=[columns["cell"], columns["cell_type"]],
@@ -26,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     donors = metadata.load_donors(raw["individual_metadata"], subject_col=columns["subject"])
     metadata.check_donors_known(
-        adata.obs["patient_id"].unique(), donors, source=raw["individual_metadata"]
+        kept["patient_id"].unique(), donors, source=raw["individual_metadata"]
     )
     labels = metadata.ad_status(
         donors,
@@ -35,16 +44,16 @@ def main(argv: list[str] | None = None) -> None:
         source=raw["individual_metadata"],
     )
     annotated, report = metadata.annotate_cells(
-        adata, annotation=annotation, donors=donors, labels=labels, columns=columns
+        kept, annotation=annotation, donors=donors, labels=labels, columns=columns
     )
-    if annotated.n_obs == 0:
+    if annotated.empty:
         msg = (
             f"annotate@{args.split}: no cell of {in_path} has both a cell annotation in "
             f"{raw['cell_annotation']} (column {columns['cell']!r}) and an AD label. Check that "
             "cell names match obs_names and labels.ad_definition."
         )
         raise ValueError(msg)
-    io.write_h5ad(annotated, Path(get(params, "paths.annotated")) / f"{args.split}.h5ad")
+    counts.write_cells(annotated, Path(get(params, "paths.annotated")) / f"{args.split}.parquet")
     io.write_json(report, Path(get(params, "paths.reports")) / "annotate" / f"{args.split}.json")
 
 

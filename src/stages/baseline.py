@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenized = Path(get(params, "paths.tokenized"))
     splits = {
         split: baselines.SplitInput(
-            counts=sampled / f"{split}.h5ad", tokenized=tokenized / f"{split}.dataset"
+            cells=sampled / f"{split}.parquet",
+            matrix=Path(get(params, "paths.ensembl")),
+            tokenized=tokenized / f"{split}.dataset",
         )
         for split in SPLITS
     }

@@ -1,13 +1,15 @@
-"""Stage convert_genes: raw counts with gene symbols -> counts with Ensembl ids.
+"""Stage convert_genes: raw counts with gene symbols -> counts with Ensembl ids, streamed.
 
-Writes data/interim/ensembl.h5ad, reports/genes/mapping.json and reports/genes/lost_genes.tsv.
+Reads the raw counts ``compute.chunk_size`` cells at a time and writes the one count matrix that
+every later stage reads rows from (data/interim/ensembl.h5ad), plus reports/genes/mapping.json and
+reports/genes/lost_genes.tsv.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import genes, io
+from rosmap_geneformer import genes
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, raw_paths, stage_arguments
 
@@ -19,20 +21,16 @@ def main(argv: list[str] | None = None) -> None:
     gene_map_path = Path(get(params, "paths.gene_map"))
     reports = Path(get(params, "paths.reports")) / "genes"
 
-    gene_map = genes.read_gene_map(gene_map_path)
-    adata = io.read_h5ad(counts_path)
-    result = genes.convert_genes(
-        adata,
-        gene_map,
+    result = genes.convert_genes_file(
+        counts_path,
+        get(params, "paths.ensembl"),
+        genes.read_gene_map(gene_map_path),
         batch_key=get(params, "data.columns.batch"),
-        source=counts_path,
+        chunk_size=int(get(params, "compute.chunk_size")),
         gene_map_source=gene_map_path,
     )
     genes.write_conversion(
-        result,
-        h5ad=get(params, "paths.ensembl"),
-        report=reports / "mapping.json",
-        lost=reports / "lost_genes.tsv",
+        result, h5ad=None, report=reports / "mapping.json", lost=reports / "lost_genes.tsv"
     )
 
 

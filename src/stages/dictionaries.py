@@ -1,7 +1,7 @@
 """Stage dictionaries: Geneformer token and gene median dictionaries, from data or from Geneformer.
 
 ``dictionaries.source: from_data`` computes each gene's exact non-zero median of
-counts / n_counts x 10,000 over the (sampled) train split; ``geneformer`` validates and copies the
+counts / n_counts x 10,000 over the (sampled) train split's rows of the count matrix; ``geneformer`` validates and copies the
 two pickles named by ``dictionaries.token_dictionary`` / ``dictionaries.gene_median_dictionary``.
 ``tokenize.special_tokens`` decides the layout built from data (V2 with ``<cls>``/``<eos>``).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from rosmap_geneformer import io
+from rosmap_geneformer import counts, io
 from rosmap_geneformer.dictionaries import (
     GENE_MEDIAN_DICTIONARY_FILE,
     TOKEN_DICTIONARY_FILE,
@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(get(params, "paths.dictionaries"))
     report: dict = {"source": source}
     if source == "from_data":
-        train = Path(get(params, "paths.sampled")) / "train.h5ad"
+        train = Path(get(params, "paths.sampled")) / "train.parquet"
         medians, report["medians"] = compute_nonzero_medians(
-            train, chunk_size=int(get(params, "dictionaries.chunk_size"))
+            get(params, "paths.ensembl"),
+            cells=counts.read_cells(train, what="sampled train cell table"),
+            chunk_size=int(get(params, "dictionaries.chunk_size")),
         )
         dictionaries = build_dictionaries(medians, special_tokens=special_tokens, source=str(train))
         with io.atomic_output(out_dir) as tmp:

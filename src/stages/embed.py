@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rosmap_geneformer import baselines, embedding_report, embeddings, io
+from rosmap_geneformer import baselines, counts, embedding_report, embeddings, io
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
 
@@ -83,17 +83,23 @@ def main(argv: list[str] | None = None) -> None:
 
     reference = settings.get("hvg_pca")
     if reference:
-        counts_path = Path(get(params, "paths.sampled")) / "test.h5ad"
-        counts = io.read_h5ad(counts_path)
-        io.check_raw_counts(counts, source=counts_path)
-        positions = baselines.cell_positions(counts, test["cell_id"], source=counts_path)
+        table_path = Path(get(params, "paths.sampled")) / "test.parquet"
+        table = counts.read_cells(table_path, what="sampled test cell table")
+        positions = baselines.cell_positions(table.index, test["cell_id"], source=table_path)
+        # Only the embedded cells' rows (embed.max_cells) are read from the matrix.
+        reader = counts.SelectedRows(
+            get(params, "paths.ensembl"), table[counts.MATRIX_ROW].to_numpy()[positions]
+        )
+        matrix = reader.read(0, reader.n_obs)
+        reader.close()
+        io.check_raw_values(matrix, source=reader.path)
         vectors["hvg_pca"] = embedding_report.hvg_pca_embedding(
-            counts.X[positions],
+            matrix,
             n_top_genes=int(reference["n_top_genes"]),
             n_components=int(reference["n_components"]),
             seed=seed,
         )
-        del counts
+        del matrix
     adata = embedding_report.build_anndata(obs, vectors)
     start = time.perf_counter()
     scores, figures = embedding_report.embedding_report(

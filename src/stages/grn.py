@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from rosmap_geneformer import embeddings, grn, io, perturbation
+from rosmap_geneformer import counts, embeddings, grn, io, perturbation
 from rosmap_geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
@@ -33,10 +33,13 @@ def main(argv: list[str] | None = None) -> None:
     dataset = io.read_dataset(Path(get(params, "paths.tokenized")) / f"{settings.split}.dataset")
     with (Path(get(params, "paths.dictionaries")) / TOKEN_DICTIONARY_FILE).open("rb") as fh:
         token_dictionary = pickle.load(fh)
-    counts = io.read_h5ad(Path(get(params, "paths.sampled")) / f"{settings.split}.h5ad")
+    matrix = Path(get(params, "paths.ensembl"))
+    cells = counts.read_cells(
+        Path(get(params, "paths.sampled")) / f"{settings.split}.parquet", what="sampled cell table"
+    )
+    var = counts.read_var(matrix)
     annotation = perturbation.token_annotation(
-        token_dictionary,
-        dict(zip(counts.var["ensembl_id"], counts.var["gene_symbol"], strict=True)),
+        token_dictionary, dict(zip(var["ensembl_id"], var["gene_symbol"], strict=True))
     )
     special_tokens = embeddings.detect_special_tokens(dataset, token_dictionary=token_dictionary)
 
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         dataset,
         settings=settings,
         annotation=annotation,
-        counts=counts,
+        cells=cells,
+        matrix=matrix,
         special_tokens=special_tokens,
         pad_token_id=int(token_dictionary[PAD]),
         seed=seed,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rosmap_geneformer import embeddings, io, perturbation
+from rosmap_geneformer import counts, embeddings, io, perturbation
 from rosmap_geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = io.read_dataset(Path(get(params, "paths.tokenized")) / f"{settings.split}.dataset")
     with (Path(get(params, "paths.dictionaries")) / TOKEN_DICTIONARY_FILE).open("rb") as fh:
         token_dictionary = pickle.load(fh)
-    var = io.read_h5ad(
-        Path(get(params, "paths.sampled")) / f"{settings.split}.h5ad", backed=True
-    ).var
+    var = counts.read_var(get(params, "paths.ensembl"))
     annotation = perturbation.token_annotation(
         token_dictionary, dict(zip(var["ensembl_id"], var["gene_symbol"], strict=True))
     )

@@ -1,16 +1,18 @@
 """Stage qc@{split}: per-cell metrics, threshold filters and Scrublet doublets, per library.
 
-Reads ${paths.split}/{split}.h5ad; writes ${paths.qc}/{split}.h5ad, ${paths.reports}/qc/{split}.json,
-${paths.qc}/{split}_cells.tsv (every input cell and its fate)
-and, under ${paths.reports}/qc/{split}/, qc_distributions.png, doublet_scores.png and libraries.tsv.
+Reads the cell table ${paths.split}/{split}.parquet and its cells' rows of ${paths.ensembl}, library
+by library on ``compute.workers`` processes; writes the cell table ${paths.qc}/{split}.parquet (every
+input cell, its metrics and its fate), ${paths.reports}/qc/{split}.json and, under
+${paths.reports}/qc/{split}/, qc_distributions.png, doublet_scores.png and libraries.tsv.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import qc
+from rosmap_geneformer import counts, qc
 from rosmap_geneformer.logs import setup_logging
+from rosmap_geneformer.parallel import resolve_workers
 from rosmap_geneformer.params import get, stage_arguments
 
 
@@ -33,22 +35,24 @@ def main(argv: list[str] | None = None) -> None:
         threshold=scrublet.get("threshold"),
         max_doublet_fraction=scrublet.get("max_doublet_fraction"),
     )
-    source = Path(get(params, "paths.split")) / f"{args.split}.h5ad"
-    output = Path(get(params, "paths.qc")) / f"{args.split}.h5ad"
+    source = Path(get(params, "paths.split")) / f"{args.split}.parquet"
     reports = Path(get(params, "paths.reports")) / "qc"
 
     result = qc.run_qc(
-        source,
-        output,
+        counts.read_cells(source, what="split cell table"),
+        get(params, "paths.ensembl"),
         batch_key=get(params, "data.columns.batch"),
         settings=settings,
         split=args.split,
+        source=source,
+        workers=resolve_workers(get(params, "compute.workers")),
+        scheduler=get(params, "compute.scheduler"),
     )
     qc.write_reports(
         result,
         report=reports / f"{args.split}.json",
         plots=reports / args.split,
-        cells=Path(get(params, "paths.qc")) / f"{args.split}_cells.tsv",
+        cells=Path(get(params, "paths.qc")) / f"{args.split}.parquet",
     )
 
 

@@ -1,10 +1,15 @@
-"""Stage sample: stratified undersampling of train and val; test is kept whole by default."""
+"""Stage sample: stratified undersampling of train and val; test is kept whole by default.
+
+Reads the annotated cell tables; writes the sampled cell tables ${paths.sampled}/{split}.parquet
+and their cell ids ({split}_cell_ids.txt). No counts are copied: later stages read the sampled
+cells' rows of ${paths.ensembl}.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import io
+from rosmap_geneformer import counts, io
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.metadata import count_values
 from rosmap_geneformer.params import SPLITS, get, stage_arguments
@@ -26,29 +31,31 @@ def main(argv: list[str] | None = None) -> None:
     with io.atomic_output(out_dir) as tmp_dir:
         tmp_dir.mkdir()
         for split in SPLITS:
-            adata = io.read_h5ad(in_dir / f"{split}.h5ad")
-            io.check_obs_columns(
-                adata, ["patient_id", "cell_type"], source=in_dir / f"{split}.h5ad"
-            )
+            path = in_dir / f"{split}.parquet"
+            cells = counts.read_cells(path, what="annotated cell table")
+            missing = [c for c in ("patient_id", "cell_type") if c not in cells.columns]
+            if missing:
+                msg = f"{path}: the annotated cell table lacks column(s) {missing}; rerun `dvc repro annotate@{split}`."
+                raise ValueError(msg)
             if split in sampled_splits:
                 kept = undersample(
-                    adata.obs,
+                    cells,
                     max_per_patient_class=get(params, "sample.max_cells_per_patient_cell_type"),
                     max_per_class=get(params, "sample.max_cells_per_class"),
                     rng=split_rng(int(get(params, "seed")), split),
                 )
-                sampled = adata[kept].copy()
+                sampled = cells.iloc[kept].copy()
             else:
-                sampled = adata
-            io.write_h5ad(sampled, tmp_dir / f"{split}.h5ad")
-            io.write_lines(sampled.obs_names, tmp_dir / f"{split}_cell_ids.txt")
+                sampled = cells
+            counts.write_cells(sampled, tmp_dir / f"{split}.parquet")
+            io.write_lines(sampled.index, tmp_dir / f"{split}_cell_ids.txt")
             report[split] = {
                 "sampled": split in sampled_splits,
-                "cells_in": int(adata.n_obs),
-                "cells_out": int(sampled.n_obs),
-                "cells_per_cell_type": count_values(sampled.obs["cell_type"]),
-                "cells_per_ad_status": count_values(sampled.obs["ad_status"])
-                if "ad_status" in sampled.obs
+                "cells_in": len(cells),
+                "cells_out": len(sampled),
+                "cells_per_cell_type": count_values(sampled["cell_type"]),
+                "cells_per_ad_status": count_values(sampled["ad_status"])
+                if "ad_status" in sampled
                 else {},
             }
     io.write_json(report, Path(get(params, "paths.reports")) / "sample.json")

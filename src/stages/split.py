@@ -1,4 +1,8 @@
-"""Stage split: patient-level train/val/test split of the Ensembl-converted counts."""
+"""Stage split: patient-level train/val/test split of the cells of the one count matrix.
+
+Reads only ``obs`` of ``${paths.ensembl}``; writes one cell table per split,
+``${paths.split}/{split}.parquet`` (obs, ``patient_id`` and ``matrix_row``), never the counts.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rosmap_geneformer import io, metadata
+from rosmap_geneformer import counts, io, metadata
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import SPLITS, get, raw_paths, stage_arguments
 from rosmap_geneformer.split import split_patients
@@ -23,12 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     counts_path = Path(get(params, "paths.ensembl"))
     out_dir = Path(get(params, "paths.split"))
 
-    adata = io.read_h5ad(counts_path, backed=True)
+    obs = counts.read_obs(counts_path)
     library_to_donor = metadata.load_batch_mapping(
         raw["batch_mapping"], library_col=columns["library"], subject_col=columns["subject"]
     )
     patients = metadata.attach_patients(
-        adata,
+        obs,
         library_to_donor,
         batch_col=columns["batch"],
         source=counts_path,
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cell_split = patients.map(result.split_of()).to_numpy()
     cell_labels = patients.map(labels).fillna("unlabelled").to_numpy()
-    report: dict = {"patients_total": len(donors), "cells_total": int(adata.n_obs)}
+    report: dict = {"patients_total": len(donors), "cells_total": len(obs)}
     report["balance_pvalues"] = result.balance_pvalues
     report["balance_trial"] = result.trial
     with io.atomic_output(out_dir) as tmp_dir:
@@ -64,15 +68,15 @@ def main(argv: list[str] | None = None) -> None:
             if not mask.any():
                 msg = f"split {split!r} is empty: no cells from its donors {result.patients[split]} in {counts_path}."
                 raise ValueError(msg)
-            subset = adata[mask].to_memory()
-            subset.obs["patient_id"] = patients[mask].astype("category")
-            io.write_h5ad(subset, tmp_dir / f"{split}.h5ad")
-            classes, counts = np.unique(cell_labels[mask], return_counts=True)
+            table = counts.cell_table(obs, mask)
+            table["patient_id"] = patients[mask].astype("category")
+            counts.write_cells(table, tmp_dir / f"{split}.parquet")
+            classes, n_cells = np.unique(cell_labels[mask], return_counts=True)
             split_labels = labels.reindex(result.patients[split]).fillna("unlabelled")
             report[split] = {
                 "n_patients": len(result.patients[split]),
                 "n_cells": int(mask.sum()),
-                "cells_per_ad_status": dict(zip(classes.tolist(), counts.tolist(), strict=True)),
+                "cells_per_ad_status": dict(zip(classes.tolist(), n_cells.tolist(), strict=True)),
                 "patients_per_ad_status": {
                     str(k): int(v) for k, v in split_labels.value_counts().sort_index().items()
                 },

@@ -1,6 +1,7 @@
 """Stage tokenize@{split}: rank-value encode one sampled split into a Geneformer dataset.
 
-Reads ``${paths.sampled}/{split}.h5ad`` and the dictionaries in ``${paths.dictionaries}``, writes
+Reads the cell table ``${paths.sampled}/{split}.parquet``, its cells' rows of ``${paths.ensembl}``
+(chunk by chunk) and the dictionaries in ``${paths.dictionaries}``, writes
 ``${paths.tokenized}/{split}.dataset`` (``datasets`` save_to_disk layout) and the metrics
 ``${paths.reports}/tokenize/{split}.json`` (cells dropped, vocabulary coverage, lengths).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import io
+from rosmap_geneformer import counts, io
 from rosmap_geneformer.dictionaries import (
     GENE_MEDIAN_DICTIONARY_FILE,
     TOKEN_DICTIONARY_FILE,
@@ -17,7 +18,7 @@ from rosmap_geneformer.dictionaries import (
 )
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
-from rosmap_geneformer.tokenizer import default_nproc, tokenize_h5ad
+from rosmap_geneformer.tokenizer import default_nproc, tokenize_cells
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,8 +29,10 @@ def main(argv: list[str] | None = None) -> None:
         dictionary_dir / TOKEN_DICTIONARY_FILE, dictionary_dir / GENE_MEDIAN_DICTIONARY_FILE
     )
     nproc = get(params, "tokenize.nproc")
-    report = tokenize_h5ad(
-        Path(get(params, "paths.sampled")) / f"{args.split}.h5ad",
+    table = Path(get(params, "paths.sampled")) / f"{args.split}.parquet"
+    report = tokenize_cells(
+        counts.read_cells(table, what="sampled cell table"),
+        get(params, "paths.ensembl"),
         Path(get(params, "paths.tokenized")) / f"{args.split}.dataset",
         dictionaries=dictionaries,
         model_input_size=int(get(params, "tokenize.model_input_size")),
