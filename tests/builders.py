@@ -37,6 +37,7 @@ PROJECT_LAYOUT = {
     "tokenized": "tok",
     "dictionaries": "dict",
     "sampled": "sampled",
+    "ensembl": "ensembl.h5ad",
     "base_model": "base",
     "finetuned": "finetuned",
     "checkpoints": "checkpoints",
@@ -123,6 +124,34 @@ def write_train_inputs(
     save_random_base_model(root / "base", vocab_size)
 
 
+def write_sampled_splits(
+    root: Path, splits: Mapping[str, ad.AnnData], *, tables: str = "sampled"
+) -> Path:
+    """Write splits as the pipeline keeps them: one count matrix and a cell table per split.
+
+    The splits' rows are stacked, in the order given, into ``root/ensembl.h5ad``; each split gets
+    ``root/<tables>/<split>.parquet`` (its ``obs`` and ``matrix_row``). Returns the matrix path.
+    """
+    from rosmap_geneformer.counts import MATRIX_ROW, write_cells
+
+    pieces = list(splits.values())
+    var = pieces[0].var
+    for piece in pieces[1:]:
+        pd.testing.assert_frame_equal(piece.var, var)
+    matrix = root / "ensembl.h5ad"
+    root.mkdir(parents=True, exist_ok=True)
+    x = sparse.vstack([sparse.csr_matrix(p.X) for p in pieces], format="csr")
+    obs_index = [name for p in pieces for name in p.obs_names]
+    ad.AnnData(X=x, obs=pd.DataFrame(index=obs_index), var=var).write_h5ad(matrix)
+    start = 0
+    for split, piece in splits.items():
+        table = piece.obs.copy()
+        table[MATRIX_ROW] = np.arange(start, start + piece.n_obs, dtype=np.int64)
+        write_cells(table, root / tables / f"{split}.parquet")
+        start += piece.n_obs
+    return matrix
+
+
 def gene_id(token: int) -> str:
     """The Ensembl-like id of gene token ``token``: ``ENSG`` and 11 digits."""
     return f"ENSG{token:011d}"
@@ -140,8 +169,9 @@ def write_gene_files(
     """Write the gene files the perturb and grn stages read.
 
     ``root/dict/token_dictionary.pkl`` (``<pad>`` 0, ``<mask>`` 1, ``gene_id(t)`` -> ``t``)
-    and ``root/sampled/<split>.h5ad`` (``counts`` by cells ``obs`` and genes ``tokens``, with
-    ``ensembl_id`` and ``gene_symbol`` in ``var``).
+    and the count matrix ``root/ensembl.h5ad`` (``counts``: cells by genes ``tokens``, with
+    ``ensembl_id`` and ``gene_symbol`` in ``var``) with its cell table
+    ``root/sampled/<split>.parquet`` (``obs``), as :func:`write_sampled_splits` writes them.
 
     Parameters
     ----------
@@ -156,7 +186,7 @@ def write_gene_files(
     obs
         Cell annotation, indexed by cell id.
     split
-        Name of the h5ad file.
+        Name of the cell table.
     """
     genes = [gene_id(t) for t in tokens]
     token_dictionary = {"<pad>": 0, "<mask>": 1, **dict(zip(genes, tokens, strict=True))}
@@ -164,8 +194,7 @@ def write_gene_files(
     with (root / "dict" / "token_dictionary.pkl").open("wb") as fh:
         pickle.dump(token_dictionary, fh)
     var = pd.DataFrame({"ensembl_id": genes, "gene_symbol": list(symbols)}, index=genes)
-    (root / "sampled").mkdir()
-    ad.AnnData(X=counts, obs=obs, var=var).write_h5ad(root / "sampled" / f"{split}.h5ad")
+    write_sampled_splits(root, {split: ad.AnnData(X=sparse.csr_matrix(counts), obs=obs, var=var)})
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from scipy import sparse
 
-from rosmap_geneformer import baselines, training
+from builders import write_sampled_splits
+from rosmap_geneformer import baselines, counts, training
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / "src" / "stages" / "baseline.py"
@@ -100,11 +101,13 @@ def tokenized(adata: ad.AnnData, rows: list[int]) -> datasets.Dataset:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("baseline")
+    adatas = {}
     for seed, (split, n) in enumerate((("train", 30), ("val", 24), ("test", 24))):
         adata, keep = make_split(split, cells_per_patient=n, seed=seed)
-        (root / "sampled").mkdir(exist_ok=True)
-        adata.write_h5ad(root / "sampled" / f"{split}.h5ad")
+        adatas[split] = adata
         tokenized(adata, keep).save_to_disk(root / "tok" / f"{split}.dataset")
+    # Test first in the matrix: a split's rows need not come in split order.
+    write_sampled_splits(root, {s: adatas[s] for s in ("test", "train", "val")})
     return root
 
 
@@ -113,6 +116,7 @@ def write_params(root: Path, out: Path, **baseline: object) -> Path:
         "seed": 0,
         "paths": {
             "sampled": str(root / "sampled"),
+            "ensembl": str(root / "ensembl.h5ad"),
             "tokenized": str(root / "tok"),
             "reports": str(out / "reports"),
             "dvclive": str(out / "dvclive"),
@@ -141,7 +145,9 @@ def run_stage(params: Path, task: str, *, subprocess_run: bool = False) -> None:
 def splits(root: Path) -> dict[str, baselines.SplitInput]:
     return {
         s: baselines.SplitInput(
-            counts=root / "sampled" / f"{s}.h5ad", tokenized=root / "tok" / f"{s}.dataset"
+            cells=root / "sampled" / f"{s}.parquet",
+            matrix=root / "ensembl.h5ad",
+            tokenized=root / "tok" / f"{s}.dataset",
         )
         for s in ("train", "val", "test")
     }
@@ -192,7 +198,7 @@ def test_same_cells_and_classes_as_the_model(workdir: Path) -> None:
     assert result.predictions["cell_id"].tolist() == expected
     cells = result.details["baseline"]["cells"]
     assert cells["test"] == {
-        "cells_in_h5ad": 96,
+        "cells_sampled": 96,
         "cells_tokenized": 95,
         "cells_not_tokenized": 1,
         "cells_for_task": len(expected),
@@ -218,17 +224,31 @@ def test_without_pca(workdir: Path) -> None:
 
 
 def test_missing_tokenized_cell_is_an_error(workdir: Path, tmp_path: Path) -> None:
-    adata = ad.read_h5ad(workdir / "sampled/test.h5ad")
-    adata[: adata.n_obs - 5].copy().write_h5ad(tmp_path / "test.h5ad")
+    table = counts.read_cells(workdir / "sampled/test.parquet")
+    counts.write_cells(table.iloc[: len(table) - 5], tmp_path / "test.parquet")
     inputs = splits(workdir)
     inputs["test"] = baselines.SplitInput(
-        counts=tmp_path / "test.h5ad", tokenized=workdir / "tok/test.dataset"
+        cells=tmp_path / "test.parquet",
+        matrix=workdir / "ensembl.h5ad",
+        tokenized=workdir / "tok/test.dataset",
     )
     task = training.TaskSpec.from_params("cell_type", TASKS["cell_type"])
-    with pytest.raises(ValueError, match=r"test\.h5ad: 4 cell\(s\) of the tokenized dataset"):
+    with pytest.raises(ValueError, match=r"test\.parquet: 4 cell\(s\) of the tokenized dataset"):
         baselines.run_baseline(
             task, inputs, hyper=baselines.BaselineParams.from_params(BASELINE), seed=0, n_boot=5
         )
+
+
+def test_test_split_read_in_small_blocks_gives_the_same_predictions(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = training.TaskSpec.from_params("cell_type", TASKS["cell_type"])
+    hyper = baselines.BaselineParams.from_params(BASELINE)
+    whole = baselines.run_baseline(task, splits(workdir), hyper=hyper, seed=0, n_boot=5)
+    monkeypatch.setattr(baselines, "_BLOCK_ROWS", 7)
+    blocks = baselines.run_baseline(task, splits(workdir), hyper=hyper, seed=0, n_boot=5)
+    pd.testing.assert_frame_equal(blocks.predictions, whole.predictions, rtol=1e-12)
+    assert blocks.metrics == whole.metrics
 
 
 def test_log_normalize() -> None:

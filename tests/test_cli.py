@@ -17,7 +17,10 @@ import pytest
 import yaml
 from scipy import sparse
 
+from builders import write_sampled_splits
 from rosmap_geneformer.cli import main
+from rosmap_geneformer.dictionaries import load_dictionaries
+from rosmap_geneformer.tokenizer import tokenize_h5ad
 
 ROOT = Path(__file__).resolve().parents[1]
 GENES = [f"ENSG{i:011d}" for i in range(1, 61)]
@@ -122,13 +125,17 @@ def test_stages_build_dictionaries_and_tokenize(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    sampled = Path("data/processed/sampled")
-    sampled.mkdir(parents=True)
-    for seed, split in enumerate(("train", "val", "test")):
-        _write_h5ad(sampled / f"{split}.h5ad", seed=seed)
+    Path("whole").mkdir()
+    splits = {
+        split: _write_h5ad(Path("whole") / f"{split}.h5ad", seed=seed)
+        for seed, split in enumerate(("train", "val", "test"))
+    }
+    # As the pipeline keeps them: one matrix, the splits' rows interleaved, and cell tables.
+    matrix = write_sampled_splits(Path("data"), splits, tables="processed/sampled")
     params = {
         "paths": {
-            "sampled": str(sampled),
+            "ensembl": str(matrix),
+            "sampled": "data/processed/sampled",
             "dictionaries": "models/dictionaries",
             "tokenized": "data/processed/tokenized",
             "reports": "reports",
@@ -156,6 +163,21 @@ def test_stages_build_dictionaries_and_tokenize(
         ds = datasets.load_from_disk(f"data/processed/tokenized/{split}.dataset")
         assert ds.features["input_ids"] == datasets.List(datasets.Value("int32"))
         assert ds["cell_id"][0] == "L1_0000-1"
+        # Rows read from the one matrix by cell table = the split written out whole.
+        tokenize_h5ad(
+            Path("whole") / f"{split}.h5ad",
+            Path("whole") / f"{split}.dataset",
+            dictionaries=load_dictionaries(
+                Path("models/dictionaries/token_dictionary.pkl"),
+                Path("models/dictionaries/gene_median_dictionary.pkl"),
+            ),
+            columns=params["tokenize"]["columns"],
+            chunk_size=params["tokenize"]["chunk_size"],
+        )
+        for name in ("data-00000-of-00001.arrow", "dataset_info.json", "state.json"):
+            assert (Path("whole") / f"{split}.dataset" / name).read_bytes() == (
+                Path(f"data/processed/tokenized/{split}.dataset") / name
+            ).read_bytes(), name
 
     # source=geneformer copies the two pickles byte for byte.
     tokens, medians = _write_dictionaries(tmp_path / "gf")

@@ -12,7 +12,13 @@ import yaml
 from scipy import sparse
 from transformers import BertConfig, BertForSequenceClassification
 
-from builders import CELL_COLUMNS, project_paths, save_random_base_model, tiny_bert_config
+from builders import (
+    CELL_COLUMNS,
+    project_paths,
+    save_random_base_model,
+    tiny_bert_config,
+    write_sampled_splits,
+)
 from builders import run_stage as run_stage_script
 from builders import write_params as write_params_file
 from rosmap_geneformer import embedding_report
@@ -59,8 +65,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         sparse.csr_matrix(rng.poisson(rates).astype(np.float32)),
         obs=pd.DataFrame(index=[*cells["cell_id"], "L1_dropped-1"]),
     )
-    (root / "sampled").mkdir()
-    counts[::-1].copy().write_h5ad(root / "sampled" / "test.h5ad")  # another row order
+    write_sampled_splits(root, {"test": counts[::-1].copy()})  # another row order
     save_random_base_model(root / "base", VOCAB)  # seeds torch for the fine-tuned ones too
     for task, classes in (("cell_type", ["Ast", "Exc", "Mic"]), ("disease", ["control", "AD"])):
         config = tiny_config(
@@ -75,7 +80,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def write_params(root: Path, out: Path, **embed: object) -> Path:
     params = {
         "seed": 0,
-        "paths": project_paths(root, "tokenized", "sampled", "base_model", "finetuned")
+        "paths": project_paths(root, "tokenized", "sampled", "ensembl", "base_model", "finetuned")
         | project_paths(out, "embeddings", "reports"),
         "tasks": {"cell_type": {"label": "cell_type"}, "disease": {"label": "ad_status"}},
         "tokenize": {"special_tokens": False},

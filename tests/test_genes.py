@@ -333,6 +333,46 @@ def test_convert_accepts_dense_integer_counts(gene_map: pd.DataFrame) -> None:
     np.testing.assert_array_equal(out.obs["n_counts"].to_numpy(), values.sum(axis=1))
 
 
+def test_streamed_file_equals_in_memory_and_ignores_chunk_size(
+    gene_map: pd.DataFrame, tmp_path: Path
+) -> None:
+    values = _counts()
+    adata = _adata(values)
+    adata.uns["source"] = {"release": 93}
+    adata.write_h5ad(tmp_path / "counts.h5ad")
+    in_memory = genes.convert_genes(adata, gene_map, source="counts.h5ad")
+    digests = set()
+    for chunk_size in (1, 4, values.shape[0] + 10):
+        out = tmp_path / f"ensembl_{chunk_size}.h5ad"
+        result = genes.convert_genes_file(
+            tmp_path / "counts.h5ad", out, gene_map, chunk_size=chunk_size
+        )
+        assert result.adata is None
+        assert result.report == in_memory.report
+        pd.testing.assert_frame_equal(result.lost, in_memory.lost)
+        written = ad.read_h5ad(out)
+        assert sparse.isspmatrix_csr(written.X) and written.X.dtype == np.float32
+        assert (written.X != in_memory.adata.X).nnz == 0
+        pd.testing.assert_frame_equal(written.obs, in_memory.adata.obs)
+        pd.testing.assert_frame_equal(written.var, in_memory.adata.var)
+        assert written.uns["source"]["release"] == 93
+        digests.add(_sha(out))
+    # The chunk size changes memory, never the bytes DVC hashes.
+    assert len(digests) == 1
+
+
+def test_streamed_conversion_refuses_bad_values_in_a_late_chunk(
+    gene_map: pd.DataFrame, tmp_path: Path
+) -> None:
+    values = _counts()
+    values[-1, 0] = 0.5
+    _adata(values).write_h5ad(tmp_path / "counts.h5ad")
+    out = tmp_path / "ensembl.h5ad"
+    with pytest.raises(ValueError, match=r"counts\.h5ad.*non-integer"):
+        genes.convert_genes_file(tmp_path / "counts.h5ad", out, gene_map, chunk_size=2)
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
 # --------------------------------------------------------------------------------------------
 # Stage scripts: same params, same bytes
 # --------------------------------------------------------------------------------------------
@@ -351,6 +391,7 @@ def _project(root: Path, gene_map: pd.DataFrame) -> None:
             "reports": "reports",
         },
         "data": {"source": "demo", "columns": {"batch": "batch"}},
+        "compute": {"chunk_size": 3},
         "raw": {
             "counts": "counts.h5ad",
             "individual_metadata": "individual_metadata.tsv",

@@ -222,6 +222,7 @@ def planted_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "tokenized",
             "dictionaries",
             "sampled",
+            "ensembl",
             "base_model",
             "finetuned",
             "reports",

@@ -370,7 +370,7 @@ def planted_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params = {
         "seed": 0,
         "paths": project_paths(
-            root, "tokenized", "dictionaries", "sampled", "finetuned", "reports"
+            root, "tokenized", "dictionaries", "sampled", "ensembl", "finetuned", "reports"
         ),
         "perturb": {
             "task": "disease",

@@ -1,4 +1,4 @@
-"""QC: per-cell metrics, filters, Scrublet per library, streaming merge, report, stage script."""
+"""QC: per-cell metrics, filters, Scrublet per library from the one matrix, cell table, report."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import yaml
 from scipy import sparse
 
-from rosmap_geneformer import qc
+from rosmap_geneformer import counts, qc
 
 STAGES = Path(__file__).resolve().parents[1] / "src" / "stages"
 N_MT = 5
@@ -132,14 +132,31 @@ def sorted_order(adata: ad.AnnData) -> pd.Index:
     )
 
 
+def write_split(adata: ad.AnnData, path: Path) -> pd.DataFrame:
+    """Write ``adata`` as the count matrix and return the cell table of all its cells."""
+    adata.write_h5ad(path)
+    return counts.cell_table(adata.obs, np.ones(adata.n_obs, dtype=bool))
+
+
+def run(
+    adata: ad.AnnData, path: Path, settings: qc.QCSettings = SETTINGS, **options: object
+) -> qc.QCResult:
+    """QC of every cell of ``adata``, written as the matrix at ``path``."""
+    options.setdefault("batch_key", "batch")
+    return qc.run_qc(write_split(adata, path), path, settings=settings, **options)
+
+
+def kept_cells(result: qc.QCResult) -> pd.DataFrame:
+    return result.cells[result.cells["kept"]]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("qc")
     adata = make_adata()
     path = root / "train.h5ad"
-    adata.write_h5ad(path)
-    result = qc.run_qc(path, root / "out.h5ad", batch_key="batch", settings=SETTINGS, split="train")
-    return {"root": root, "adata": adata, "path": path, "result": result, "out": root / "out.h5ad"}
+    result = run(adata, path, split="train", source=root / "train.parquet")
+    return {"root": root, "adata": adata, "path": path, "result": result}
 
 
 def test_metrics_match_numpy() -> None:
@@ -164,14 +181,10 @@ def test_metrics_match_numpy() -> None:
 
 def test_filters_remove_exactly_what_they_should(tmp_path: Path) -> None:
     adata = make_adata(seed=1)
-    path = tmp_path / "in.h5ad"
-    adata.write_h5ad(path)
-    result = qc.run_qc(
-        path, tmp_path / "out.h5ad", batch_key="batch", settings=NO_SCRUBLET, split="val"
-    )
+    result = run(adata, tmp_path / "in.h5ad", NO_SCRUBLET, split="val")
     passed, metrics = expected_pass(adata, NO_SCRUBLET)
-    out = ad.read_h5ad(tmp_path / "out.h5ad")
-    assert set(out.obs_names) == set(adata.obs_names[passed])
+    out = kept_cells(result)
+    assert set(out.index) == set(adata.obs_names[passed])
     report = result.report
     fails = {
         "min_genes": metrics["n_genes"] < NO_SCRUBLET.min_genes,
@@ -184,7 +197,7 @@ def test_filters_remove_exactly_what_they_should(tmp_path: Path) -> None:
     assert sum(report["removed_sequential"].values()) == (~passed).sum()
     assert report["removed_sequential"]["min_genes"] == fails["min_genes"].sum()
     assert report["cells_in"] == adata.n_obs
-    assert report["cells_out"] == passed.sum() == out.n_obs
+    assert report["cells_out"] == passed.sum() == len(out)
     assert report["doublets_predicted"] == 0
     assert report["libraries_scrubbed"] == 0
     # Every injected low-quality cell is caught; no singlet is.
@@ -193,35 +206,32 @@ def test_filters_remove_exactly_what_they_should(tmp_path: Path) -> None:
     assert passed[kind == "singlet"].all()
     per_library = pd.DataFrame(report["per_library"])
     assert per_library["cells_in"].sum() == adata.n_obs
-    assert per_library["cells_out"].sum() == out.n_obs
-    np.testing.assert_allclose(out.obs["n_genes"], metrics.loc[out.obs_names, "n_genes"])
-    np.testing.assert_allclose(
-        out.obs["pct_counts_mt"], metrics.loc[out.obs_names, "pct_counts_mt"]
-    )
+    assert per_library["cells_out"].sum() == len(out)
+    np.testing.assert_allclose(out["n_genes"], metrics.loc[out.index, "n_genes"])
+    np.testing.assert_allclose(out["pct_counts_mt"], metrics.loc[out.index, "pct_counts_mt"])
 
 
-def test_output_keeps_raw_counts_obs_var_uns_and_order(data: dict) -> None:
-    adata, out = data["adata"], ad.read_h5ad(data["out"])
-    assert sparse.isspmatrix_csr(out.X) and out.X.dtype == np.float32
-    assert np.array_equal(out.X.data, np.round(out.X.data))
-    want = adata[out.obs_names]
-    assert (out.X != want.X).nnz == 0
-    assert list(out.obs_names) == [n for n in sorted_order(adata) if n in set(out.obs_names)]
+def test_cell_table_keeps_every_cell_its_columns_rows_and_library_order(data: dict) -> None:
+    adata, table = data["adata"], data["result"].cells
+    # Every input cell, libraries sorted, input order within a library; no counts copied.
+    assert list(table.index) == list(sorted_order(adata))
+    rows = table[counts.MATRIX_ROW].to_numpy()
+    np.testing.assert_array_equal(adata.obs_names[rows], table.index)
     for column in adata.obs.columns:
-        assert out.obs[column].dtype == adata.obs[column].dtype, column
+        assert table[column].dtype == adata.obs[column].dtype, column
         pd.testing.assert_series_equal(
-            out.obs[column], adata.obs.loc[out.obs_names, column], check_names=False
+            table[column], adata.obs.loc[table.index, column], check_names=False
         )
-    assert list(out.obs["kind"].cat.categories) == list(adata.obs["kind"].cat.categories)
-    pd.testing.assert_frame_equal(out.var, adata.var)
-    assert out.uns["source"]["release"] == 93
-    for column in qc.QC_COLUMNS:
-        assert column in out.obs.columns
-    assert not out.obs["predicted_doublet"].any()
+    assert list(table["kind"].cat.categories) == list(adata.obs["kind"].cat.categories)
+    for column in (*qc.QC_COLUMNS, *qc.QC_FATE_COLUMNS):
+        assert column in table.columns
+    kept = table["kept"].to_numpy()
+    assert not table.loc[kept, "predicted_doublet"].any()
+    assert data["result"].report["cells_out"] == kept.sum()
 
 
 def test_scrublet_flags_injected_doublets(data: dict) -> None:
-    cells = data["result"].cells.join(data["adata"].obs[["kind"]])
+    cells = data["result"].cells
     scored = cells[cells["doublet_score"].notna()]
     doublet = scored["kind"] == "doublet"
     assert (
@@ -244,76 +254,78 @@ def test_scrublet_flags_injected_doublets(data: dict) -> None:
 
 
 def test_library_by_library_equals_each_library_alone(data: dict, tmp_path: Path) -> None:
-    adata, out = data["adata"], ad.read_h5ad(data["out"])
+    adata, table = data["adata"], data["result"].cells
     for library in ("L0", "L2"):
         alone = adata[adata.obs["batch"] == library].copy()
-        path = tmp_path / f"{library}.h5ad"
-        alone.write_h5ad(path)
-        qc.run_qc(path, tmp_path / f"{library}_out.h5ad", batch_key="batch", settings=SETTINGS)
-        single = ad.read_h5ad(tmp_path / f"{library}_out.h5ad")
-        part = out[out.obs["batch"] == library]
-        assert list(single.obs_names) == list(part.obs_names)
-        assert (single.X != part.X).nnz == 0
-        np.testing.assert_array_equal(single.obs["doublet_score"], part.obs["doublet_score"])
+        single = run(alone, tmp_path / f"{library}.h5ad").cells
+        part = table[table["batch"] == library]
+        assert list(single.index) == list(part.index)
+        np.testing.assert_array_equal(single["doublet_score"], part["doublet_score"])
+        np.testing.assert_array_equal(single["kept"], part["kept"])
 
 
-def test_output_is_byte_deterministic(data: dict) -> None:
-    again = data["root"] / "again.h5ad"
-    result = qc.run_qc(data["path"], again, batch_key="batch", settings=SETTINGS, split="train")
-    assert again.read_bytes() == data["out"].read_bytes()
-    assert result.report == data["result"].report
+def test_cell_table_is_byte_deterministic_and_independent_of_workers(data: dict) -> None:
+    root, result = data["root"], data["result"]
+    table = counts.cell_table(data["adata"].obs, np.ones(data["adata"].n_obs, dtype=bool))
+    # Two worker processes, one BLAS thread each, against one process with the default threads.
+    again = qc.run_qc(
+        table, data["path"], batch_key="batch", settings=SETTINGS, split="train", workers=2
+    )
+    qc.write_reports(result, report=root / "a.json", plots=root / "a", cells=root / "a.parquet")
+    qc.write_reports(again, report=root / "b.json", plots=root / "b", cells=root / "b.parquet")
+    assert (root / "a.parquet").read_bytes() == (root / "b.parquet").read_bytes()
+    assert (root / "a.json").read_bytes() == (root / "b.json").read_bytes()
+    assert again.report == result.report
 
 
-def test_missing_batch_column_names_file_column_and_fix(data: dict, tmp_path: Path) -> None:
-    out = tmp_path / "out.h5ad"
+def test_missing_batch_column_names_file_column_and_fix(data: dict) -> None:
+    table = counts.cell_table(data["adata"].obs, np.ones(data["adata"].n_obs, dtype=bool))
     with pytest.raises(
         ValueError,
-        match=r"train\.h5ad: obs lacks the library column 'library'.*data\.columns\.batch",
+        match=r"train\.parquet: the cell table lacks the library column 'library'.*data\.columns\.batch",
     ):
-        qc.run_qc(data["path"], out, batch_key="library", settings=SETTINGS)
-    assert not out.exists()
+        qc.run_qc(
+            table,
+            data["path"],
+            batch_key="library",
+            settings=SETTINGS,
+            source=data["root"] / "train.parquet",
+        )
 
 
 def test_non_raw_counts_are_refused(tmp_path: Path) -> None:
     adata = make_adata(libraries=("L0",), cells=30)
     adata.X = adata.X.log1p()
-    path = tmp_path / "lognorm.h5ad"
-    adata.write_h5ad(path)
     with pytest.raises(ValueError, match=r"lognorm\.h5ad: X holds non-integer values"):
-        qc.run_qc(path, tmp_path / "out.h5ad", batch_key="batch", settings=SETTINGS)
-    assert not (tmp_path / "out.h5ad").exists()
+        run(adata, tmp_path / "lognorm.h5ad")
 
 
 def test_all_cells_filtered_is_a_clear_error(data: dict, tmp_path: Path) -> None:
     strict = qc.QCSettings(min_genes=100_000, min_counts=300, max_pct_mito=10.0, scrublet=False)
-    out = tmp_path / "test.h5ad"
+    table = counts.cell_table(data["adata"].obs, np.ones(data["adata"].n_obs, dtype=bool))
     with pytest.raises(
         ValueError, match=r"split 'test' kept no cell of 450: min_genes=100000, min_counts=300"
     ):
-        qc.run_qc(data["path"], out, batch_key="batch", settings=strict, split="test")
-    assert not out.exists()
-    assert not list(tmp_path.glob(".tmp-*"))
+        qc.run_qc(table, data["path"], batch_key="batch", settings=strict, split="test")
 
 
 def test_small_libraries_skip_scrublet_and_missing_mito_is_reported(tmp_path: Path) -> None:
     adata = make_adata(libraries=("A", "B"), cells=60, n_mt=0, high_mito_rate=0.0)
-    path = tmp_path / "in.h5ad"
-    adata.write_h5ad(path)
-    result = qc.run_qc(path, tmp_path / "out.h5ad", batch_key="batch", settings=SETTINGS)
+    result = run(adata, tmp_path / "in.h5ad")
     report = result.report
     assert report["libraries_scrublet_skipped"] == 2 and report["libraries_scrubbed"] == 0
     assert report["cells_scrublet_skipped"] == report["cells_out"]
     assert report["mito_genes"] == 0 and "MT-" in report["mito_warning"]
     assert report["fail_max_pct_mito"] == 0
-    out = ad.read_h5ad(tmp_path / "out.h5ad")
-    assert out.obs["doublet_score"].isna().all() and not out.obs["predicted_doublet"].any()
-    assert (out.obs["pct_counts_mt"] == 0).all()
+    out = kept_cells(result)
+    assert out["doublet_score"].isna().all() and not out["predicted_doublet"].any()
+    assert (out["pct_counts_mt"] == 0).all()
     qc.write_reports(
-        result, report=tmp_path / "r.json", plots=tmp_path / "plots", cells=tmp_path / "c.tsv"
+        result, report=tmp_path / "r.json", plots=tmp_path / "plots", cells=tmp_path / "c.parquet"
     )
     written = json.loads((tmp_path / "r.json").read_text())
     assert [row["doublet_threshold"] for row in written["per_library"]] == [None, None]
-    cells = pd.read_csv(tmp_path / "c.tsv", sep="\t", index_col=0)
+    cells = counts.read_cells(tmp_path / "c.parquet")
     assert len(cells) == report["cells_in"] and cells["kept"].sum() == report["cells_out"]
 
 
@@ -346,16 +358,18 @@ def load_stage(name: str) -> ModuleType:
 
 def test_stage_script_end_to_end(data: dict, tmp_path: Path) -> None:
     split_dir = tmp_path / "data/interim/split"
-    split_dir.mkdir(parents=True)
-    (split_dir / "val.h5ad").write_bytes(data["path"].read_bytes())
+    table = counts.cell_table(data["adata"].obs, np.ones(data["adata"].n_obs, dtype=bool))
+    counts.write_cells(table, split_dir / "val.parquet")
     params = {
         "seed": 0,
         "paths": {
+            "ensembl": str(data["path"]),
             "split": str(split_dir),
             "qc": str(tmp_path / "data/interim/qc"),
             "reports": str(tmp_path / "reports"),
         },
         "data": {"columns": {"batch": "batch"}},
+        "compute": {"chunk_size": 50, "workers": 1, "scheduler": None},
         "qc": {
             "min_genes": 100,
             "min_counts": 300,
@@ -371,8 +385,8 @@ def test_stage_script_end_to_end(data: dict, tmp_path: Path) -> None:
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump(params))
     load_stage("qc").main(["--params", str(params_path), "--split", "val"])
-    out = tmp_path / "data/interim/qc/val.h5ad"
-    assert out.read_bytes() == data["out"].read_bytes()
+    out = counts.read_cells(tmp_path / "data/interim/qc/val.parquet")
+    pd.testing.assert_frame_equal(out, data["result"].cells)
     report = json.loads((tmp_path / "reports/qc/val.json").read_text())
     assert report["cells_out"] == data["result"].report["cells_out"]
     assert report["split"] == "val"
@@ -380,3 +394,4 @@ def test_stage_script_end_to_end(data: dict, tmp_path: Path) -> None:
         assert (tmp_path / "reports/qc/val" / name).stat().st_size > 0
     libraries = pd.read_csv(tmp_path / "reports/qc/val/libraries.tsv", sep="\t")
     assert list(libraries["library"]) == ["L0", "L1", "L2"]
+    assert not list((tmp_path / "data/interim/qc").glob("*.h5ad"))

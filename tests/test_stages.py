@@ -14,7 +14,7 @@ import pytest
 import yaml
 from scipy import sparse
 
-from rosmap_geneformer import io
+from rosmap_geneformer import counts, io
 
 STAGES = Path(__file__).resolve().parents[1] / "src" / "stages"
 
@@ -63,11 +63,19 @@ def test_split_stage_writes_disjoint_patient_splits(tmp_path: Path) -> None:
     params_path = _write_inputs(tmp_path)
     load_stage("split").main(["--params", str(params_path)])
     seen: set[str] = set()
+    rows: list[int] = []
+    matrix = ad.read_h5ad(tmp_path / "data/interim/ensembl.h5ad")
     for split in ("train", "val", "test"):
-        adata = ad.read_h5ad(tmp_path / "data/interim/split" / f"{split}.h5ad")
-        patients = set(adata.obs["patient_id"])
+        table = counts.read_cells(tmp_path / "data/interim/split" / f"{split}.parquet")
+        patients = set(table["patient_id"])
         assert patients and not (patients & seen)
         seen |= patients
+        # Cell tables point at their cells' rows of the one matrix; no counts are copied.
+        assert list(matrix.obs_names[table[counts.MATRIX_ROW]]) == list(table.index)
+        assert (table["batch"] == matrix.obs.loc[table.index, "batch"]).all()
+        rows += table[counts.MATRIX_ROW].tolist()
+    assert sorted(rows) == list(range(matrix.n_obs))
+    assert not list((tmp_path / "data/interim/split").glob("*.h5ad"))
     report = json.loads((tmp_path / "reports/split.json").read_text())
     assert report["cells_total"] == 200
     assert sum(report[s]["n_cells"] for s in ("train", "val", "test")) == 200

@@ -675,7 +675,7 @@ def grn_dataset(
     *,
     settings: GRNSettings,
     annotation: pd.DataFrame,
-    cells: pd.DataFrame,
+    cell_table: pd.DataFrame,
     matrix: str | Path,
     special_tokens: bool,
     pad_token_id: int = 0,
@@ -694,7 +694,7 @@ def grn_dataset(
         ``params.yaml: grn``.
     annotation
         Token -> ``ensembl_id``, ``symbol``.
-    cells
+    cell_table
         The sampled cell table of the same split (index: cell ids; ``n_counts``,
         ``matrix_row``), for the co-expression baseline.
     matrix
@@ -786,7 +786,7 @@ def grn_dataset(
         edges[f"{role}_symbol"] = annotation["symbol"].reindex(edges[role]).to_numpy()
 
     # Co-expression on the same cells.
-    cell_rows = pd.Index(cells.index).get_indexer(np.asarray(subset["cell_id"], dtype=object))
+    cell_rows = pd.Index(cell_table.index).get_indexer(np.asarray(subset["cell_id"], dtype=object))
     if (cell_rows < 0).any():
         msg = (
             f"grn: {(cell_rows < 0).sum()} tokenized cells are missing from the sampled cell "
@@ -799,7 +799,7 @@ def grn_dataset(
     }
     regulator_rows = {r: cell_rows[c] for r, c in result.cells.items()}
     used = np.unique(np.concatenate([np.zeros(0, np.int64), *regulator_rows.values()]))
-    reader = SelectedRows(matrix, cells[MATRIX_ROW].to_numpy(dtype=np.int64)[used])
+    reader = SelectedRows(matrix, cell_table[MATRIX_ROW].to_numpy(dtype=np.int64)[used])
     used_counts = reader.read(0, reader.n_obs)
     reader.close()
     edges["coexpression"] = coexpression_baseline(
@@ -807,7 +807,7 @@ def grn_dataset(
         {r: np.searchsorted(used, rows) for r, rows in regulator_rows.items()},
         used_counts,
         token_columns,
-        n_counts=cells["n_counts"].to_numpy(dtype=np.float64)[used],
+        n_counts=cell_table["n_counts"].to_numpy(dtype=np.float64)[used],
     )
     edges["random"] = random_baseline(len(edges), seed=seed)
     edges = edges[

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset,
         settings=settings,
         annotation=annotation,
-        cells=cells,
+        cell_table=cells,
         matrix=matrix,
         special_tokens=special_tokens,
         pad_token_id=int(token_dictionary[PAD]),
