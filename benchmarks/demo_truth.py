@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from rosmap_geneformer import genes, io, truth
+from rosmap_geneformer import counts, genes, io, truth
 from rosmap_geneformer.params import SPLITS, get, load_params
 
 
@@ -27,9 +27,7 @@ def main() -> None:
     params = load_params()
     tables = truth.read_truth(Path(get(params, "paths.raw")) / "demo" / "truth")
     qc_dir = Path(get(params, "paths.qc"))
-    cells = pd.concat(
-        [pd.read_csv(qc_dir / f"{s}_cells.tsv", sep="\t", index_col=0) for s in SPLITS]
-    )
+    cells = pd.concat([counts.read_cells(qc_dir / f"{s}.parquet") for s in SPLITS])
     result = {
         "qc": truth.qc_against_truth(cells, tables["cells"]),
         "gene_mapping": truth.mapping_against_truth(

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from dvc_repo import copy_repo, dvc, reproduced_template, stages_run, template_repro_output
 
-from rosmap_geneformer import genes, truth
+from rosmap_geneformer import counts, genes, truth
 
 pytestmark = pytest.mark.pipeline
 
@@ -35,31 +35,42 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_outputs_follow_the_data_contract(repo: Path) -> None:
+    matrix = ad.read_h5ad(repo / "data/interim/ensembl.h5ad", backed="r")
+    assert "ensembl_id" in matrix.var.columns
+    assert matrix.var_names.str.startswith("ENSG").all()
     splits = {}
     for split in ("train", "val", "test"):
-        adata = ad.read_h5ad(repo / "data/processed/sampled" / f"{split}.h5ad")
-        splits[split] = adata
-        assert {"patient_id", "cell_type", "ad_status", "n_counts"} <= set(adata.obs.columns)
-        assert "ensembl_id" in adata.var.columns
-        assert adata.var_names.str.startswith("ENSG").all()
-        values = adata.X.data
-        assert np.array_equal(values, np.round(values)), f"{split}: X must stay raw counts"
-        assert set(adata.obs["ad_status"]) == {"AD", "control"}, f"{split} lacks an AD class"
-        assert (adata.obs["n_counts"].to_numpy() >= np.asarray(adata.X.sum(axis=1)).ravel()).all()
+        table = counts.read_cells(repo / "data/processed/sampled" / f"{split}.parquet")
+        assert {"patient_id", "cell_type", "ad_status", "n_counts"} <= set(table.columns)
+        # The sampled cells' counts are their rows of the one matrix, still raw counts.
+        rows = counts.cell_rows(table, repo / "data/interim/ensembl.h5ad")
+        x = rows.read(0, rows.n_obs)
+        rows.close()
+        assert list(matrix.obs_names[table[counts.MATRIX_ROW]]) == list(table.index)
+        assert np.array_equal(x.data, np.round(x.data)), f"{split}: X must stay raw counts"
+        assert set(table["ad_status"]) == {"AD", "control"}, f"{split} lacks an AD class"
+        assert (table["n_counts"].to_numpy() >= np.asarray(x.sum(axis=1)).ravel()).all()
         ids = (repo / "data/processed/sampled" / f"{split}_cell_ids.txt").read_text().split()
-        assert ids == adata.obs_names.tolist()
-    patients = [set(a.obs["patient_id"]) for a in splits.values()]
+        assert ids == table.index.tolist()
+        splits[split] = table
+    matrix.file.close()
+    # No stage after convert_genes writes another copy of the counts.
+    copies = [p for p in (repo / "data").rglob("*.h5ad") if p.name != "ensembl.h5ad"]
+    assert [p.relative_to(repo).as_posix() for p in copies] == [
+        "data/processed/embeddings/test.h5ad"
+    ]
+    patients = [set(t["patient_id"]) for t in splits.values()]
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
 
     split_report = json.loads((repo / "reports/split.json").read_text())
-    for split, adata in splits.items():
-        assert set(adata.obs["patient_id"]) <= set(split_report[split]["patients"])
+    for split, table in splits.items():
+        assert set(table["patient_id"]) <= set(split_report[split]["patients"])
 
 
 def test_qc_and_gene_mapping_recover_the_planted_truth(repo: Path) -> None:
     tables = truth.read_truth(repo / "data/raw/demo/truth")
     cells = pd.concat(
-        pd.read_csv(repo / "data/interim/qc" / f"{s}_cells.tsv", sep="\t", index_col=0)
+        counts.read_cells(repo / "data/interim/qc" / f"{s}.parquet")
         for s in ("train", "val", "test")
     )
     qc = truth.qc_against_truth(cells, tables["cells"])
