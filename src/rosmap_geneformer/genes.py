@@ -587,9 +587,12 @@ def _n_counts(totals: np.ndarray) -> np.ndarray:
     return totals.astype(np.float32)
 
 
-def _joined_symbols(group: pd.DataFrame) -> str:
-    ordered = group.sort_values(["suffix_stripped", "position"], kind="stable")
-    return ";".join(dict.fromkeys(ordered["symbol"]))
+def _joined_symbols(kept: pd.DataFrame) -> pd.Series:
+    """Per Ensembl id, its symbols joined by ``;``: unsuffixed first, then var order, no repeats."""
+    ordered = kept.sort_values(["ensembl_id", "suffix_stripped", "position"], kind="stable")
+    unique = ordered.drop_duplicates(["ensembl_id", "symbol"])
+    # One vectorised pass: a per-group Python apply costs ~0.5 ms a gene (17 s for 33,538).
+    return unique.groupby("ensembl_id", sort=True)["symbol"].agg(";".join)
 
 
 @dataclass
@@ -627,9 +630,7 @@ def _plan(
         ),
         shape=(len(var_names), len(ids)),
     )
-    symbols = kept.groupby("ensembl_id", sort=True)[
-        ["symbol", "suffix_stripped", "position"]
-    ].apply(_joined_symbols)
+    symbols = _joined_symbols(kept)
     var = pd.DataFrame(
         {"ensembl_id": ids.astype(str), "gene_symbol": symbols.loc[ids].to_numpy().astype(str)},
         index=pd.Index(ids.astype(str)),
