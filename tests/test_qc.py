@@ -395,3 +395,37 @@ def test_stage_script_end_to_end(data: dict, tmp_path: Path) -> None:
     libraries = pd.read_csv(tmp_path / "reports/qc/val/libraries.tsv", sep="\t")
     assert list(libraries["library"]) == ["L0", "L1", "L2"]
     assert not list((tmp_path / "data/interim/qc").glob("*.h5ad"))
+
+
+def test_large_libraries_are_scored_in_bounded_parts(tmp_path: Path) -> None:
+    adata = make_adata(libraries=("L0",), cells=450, seed=3)
+    whole = run(adata, tmp_path / "whole.h5ad")
+    capped = qc.QCSettings(
+        min_genes=100, min_counts=300, max_pct_mito=10.0, seed=0, max_cells_per_run=200
+    )
+    parts = run(adata, tmp_path / "parts.h5ad", capped)
+    (row,) = parts.report["per_library"]
+    n_passed = row["cells_in"] - row["removed_by_filters"]
+    assert row["scrublet_runs"] == -(-n_passed // 200) == 3
+    assert parts.report["libraries_scrublet_split"] == 1
+    assert whole.report["per_library"][0]["scrublet_runs"] == 1
+    # Each part is its own Scrublet run; the injected doublets are still found.
+    cells = parts.cells[parts.cells["doublet_score"].notna()]
+    doublet = cells["kind"] == "doublet"
+    recall = (cells["predicted_doublet"] & doublet).sum() / doublet.sum()
+    assert recall > 0.5, recall
+    # The parts are seeded by seed and library only, and cover every passing cell once.
+    passing = np.flatnonzero(~whole.cells[[f"fail_{n}" for n in qc.FILTERS]].any(axis=1))
+    split = qc.scrublet_parts(passing, 200, seed=0, library="L0")
+    assert sorted(np.concatenate(split).tolist()) == passing.tolist()
+    assert all(len(p) <= 200 for p in split)
+    again = qc.scrublet_parts(passing, 200, seed=0, library="L0")
+    assert all(np.array_equal(a, b) for a, b in zip(split, again, strict=True))
+    # A cap at or above the library size changes nothing.
+    roomy = qc.QCSettings(
+        min_genes=100, min_counts=300, max_pct_mito=10.0, seed=0, max_cells_per_run=1000
+    )
+    same = run(adata, tmp_path / "same.h5ad", roomy)
+    np.testing.assert_array_equal(same.cells["doublet_score"], whole.cells["doublet_score"])
+    with pytest.raises(ValueError, match=r"qc\.scrublet\.max_cells_per_run=150"):
+        qc.QCSettings(max_cells_per_run=150)

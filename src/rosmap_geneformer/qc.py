@@ -45,6 +45,7 @@ above ~2,700 cells), whose numba compilation takes ~45 s on 2 cores; exact searc
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,11 @@ class QCSettings:
     max_doublet_fraction
         Cap on the fraction of a library called doublets by an automatic threshold;
         ``None`` means ``2 * expected_doublet_rate``.
+    max_cells_per_run
+        A library with more cells (after the filters) is scored in seeded random parts of at most
+        this many cells, one Scrublet run each: Scrublet's memory grows with the cells of a run
+        (about 0.5 MB a cell with ROSMAP's 33,538 genes, dense PCA input), so this bounds qc's
+        peak. ``None``: one run per library, whatever its size.
     symbol_column
         ``var`` column holding gene symbols.
     mito_prefix
@@ -116,6 +122,7 @@ class QCSettings:
     seed: int = 0
     threshold: float | None = None
     max_doublet_fraction: float | None = None
+    max_cells_per_run: int | None = None
     symbol_column: str = "gene_symbol"
     mito_prefix: str = "MT-"
 
@@ -131,6 +138,13 @@ class QCSettings:
             raise ValueError(msg)
         if self.n_prin_comps < 2:
             msg = f"params.yaml: qc.scrublet.n_prin_comps must be >= 2, got {self.n_prin_comps}."
+            raise ValueError(msg)
+        floor = max(self.min_cells_per_library, self.n_prin_comps + 1)
+        if self.max_cells_per_run is not None and self.max_cells_per_run < 2 * floor:
+            msg = (
+                f"params.yaml: qc.scrublet.max_cells_per_run={self.max_cells_per_run} must be at "
+                f"least twice qc.scrublet.min_cells_per_library ({2 * floor}), or null."
+            )
             raise ValueError(msg)
 
     @property
@@ -152,6 +166,7 @@ class QCSettings:
             "min_cells_per_library": self.min_cells_per_library,
             "doublet_threshold": "auto" if self.threshold is None else self.threshold,
             "max_doublet_fraction": self.doublet_fraction_cap,
+            "max_cells_per_run": self.max_cells_per_run,
             "seed": self.seed,
         }
 
@@ -418,6 +433,21 @@ def run_scrublet(
 # One library
 
 
+def scrublet_parts(
+    cells: np.ndarray, max_cells: int | None, *, seed: int, library: str
+) -> list[np.ndarray]:
+    """``cells`` in one part, or in seeded random parts of at most ``max_cells`` (each sorted).
+
+    The parts depend on the seed and the library name only, not on the order libraries run in.
+    """
+    if max_cells is None or len(cells) <= max_cells:
+        return [cells]
+    n_parts = -(-len(cells) // max_cells)
+    rng = np.random.default_rng([seed, zlib.crc32(library.encode())])
+    shuffled = rng.permutation(cells)
+    return [np.sort(shuffled[i::n_parts]) for i in range(n_parts)]
+
+
 @dataclass(kw_only=True)
 class LibraryQC:
     """QC of one library: a per-cell table of all its cells and a summary row."""
@@ -458,6 +488,7 @@ def qc_library(
     sim_hist = np.zeros(len(SCORE_BINS) - 1, dtype=np.int64)
     threshold: float | None = None
     rule = "disabled"
+    n_runs = 0
     if settings.scrublet:
         min_cells = max(settings.min_cells_per_library, settings.n_prin_comps + 1)
         if n_passed < min_cells:
@@ -469,19 +500,31 @@ def qc_library(
                 min_cells,
             )
         else:
-            result = run_scrublet(
-                adata.X[np.flatnonzero(passed)],
-                expected_doublet_rate=settings.expected_doublet_rate,
-                n_prin_comps=settings.n_prin_comps,
-                random_state=settings.seed,
-                threshold=settings.threshold,
-                max_doublet_fraction=settings.doublet_fraction_cap,
+            parts = scrublet_parts(
+                np.flatnonzero(passed),
+                settings.max_cells_per_run,
+                seed=settings.seed,
                 library=library,
             )
-            scores[passed] = result.scores
-            doublet[passed] = result.predicted
-            threshold, rule = result.threshold, result.rule
-            sim_hist, _ = np.histogram(np.clip(result.sim_scores, 0.0, 1.0), bins=SCORE_BINS)
+            thresholds, rules = [], []
+            n_runs = len(parts)
+            for part in parts:
+                result = run_scrublet(
+                    adata.X[part],
+                    expected_doublet_rate=settings.expected_doublet_rate,
+                    n_prin_comps=settings.n_prin_comps,
+                    random_state=settings.seed,
+                    threshold=settings.threshold,
+                    max_doublet_fraction=settings.doublet_fraction_cap,
+                    library=library,
+                )
+                scores[part] = result.scores
+                doublet[part] = result.predicted
+                thresholds.append(result.threshold)
+                rules.append(result.rule)
+                sim_hist += np.histogram(np.clip(result.sim_scores, 0.0, 1.0), bins=SCORE_BINS)[0]
+            # With several runs: the highest threshold, and each run's rule.
+            threshold, rule = max(thresholds), ";".join(rules)
 
     kept = passed & ~doublet
     cells = metrics.copy()
@@ -495,6 +538,7 @@ def qc_library(
     record: dict[str, Any] = {
         "library": library,
         "cells_in": int(adata.n_obs),
+        "scrublet_runs": n_runs,
         "fail_min_genes": int(failures["min_genes"].sum()),
         "fail_min_counts": int(failures["min_counts"].sum()),
         "fail_max_pct_mito": int(failures["max_pct_mito"].sum()),
@@ -748,8 +792,11 @@ def _report(
         "libraries_scrubbed": int(scored.sum()),
         "libraries_scrublet_skipped": int(skipped.sum()),
         "cells_scrublet_skipped": int(after_filters[skipped].sum()),
-        "libraries_threshold_capped": int(libraries["scrublet"].str.endswith("+capped").sum()),
-        "libraries_threshold_otsu": int(libraries["scrublet"].str.startswith("otsu").sum()),
+        "libraries_threshold_capped": int(
+            libraries["scrublet"].str.contains("+capped", regex=False).sum()
+        ),
+        "libraries_threshold_otsu": int(libraries["scrublet"].str.contains("otsu").sum()),
+        "libraries_scrublet_split": int((libraries["scrublet_runs"] > 1).sum()),
         "libraries_empty": int((libraries["cells_out"] == 0).sum()),
         "mito_genes": n_mito,
         "mito_warning": mito_warning,

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         # fraction of a library an automatic threshold may call (default 2 x expected rate).
         threshold=scrublet.get("threshold"),
         max_doublet_fraction=scrublet.get("max_doublet_fraction"),
+        max_cells_per_run=scrublet.get("max_cells_per_run"),
     )
     source = Path(get(params, "paths.split")) / f"{args.split}.parquet"
     reports = Path(get(params, "paths.reports")) / "qc"
