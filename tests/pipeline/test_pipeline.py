@@ -55,9 +55,11 @@ def test_outputs_follow_the_data_contract(repo: Path) -> None:
         splits[split] = table
     matrix.file.close()
     # No stage after convert_genes writes another copy of the counts.
-    copies = [p for p in (repo / "data").rglob("*.h5ad") if p.name != "ensembl.h5ad"]
-    assert [p.relative_to(repo).as_posix() for p in copies] == [
-        "data/processed/embeddings/test.h5ad"
+    copies = sorted(p.relative_to(repo).as_posix() for p in (repo / "data").rglob("*.h5ad"))
+    assert copies == [
+        "data/interim/ensembl.h5ad",
+        "data/processed/embeddings/test.h5ad",
+        "data/raw/demo/counts.h5ad",
     ]
     patients = [set(t["patient_id"]) for t in splits.values()]
     assert not (patients[0] & patients[1] or patients[0] & patients[2] or patients[1] & patients[2])
