@@ -57,6 +57,18 @@ MB = 2**20
 logger = logging.getLogger("benchmarks.scale")
 
 
+def portable(obj: Any, *, workdir: Path) -> Any:
+    """``obj`` with this checkout's and the work folder's paths written as ``.`` and ``<workdir>``."""
+    text = json.dumps(obj)
+    for path, name in (
+        (Path(sys.executable).parent, "<python>"),
+        (workdir, "<workdir>"),
+        (ROOT, "."),
+    ):
+        text = text.replace(str(path.resolve()), name).replace(str(path), name)
+    return json.loads(text)
+
+
 def work_params(*, workers: str) -> dict[str, Any]:
     """The repository's params.yaml with the benchmark's few changes."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -354,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         size = measure_size(n_cells, args)
         report["sizes"].append(size)
         report["fits"] = fits(report["sizes"])
-        write_json(report, args.output)
+        write_json(portable(report, workdir=Path(args.workdir)), args.output)
         if "failed" in size:
             failed = True
             logger.error("%d cells: stopped at %s; work folder kept", n_cells, size["failed"])
