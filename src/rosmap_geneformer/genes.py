@@ -756,14 +756,7 @@ def convert_genes_file(
     except (OSError, KeyError) as err:
         msg = f"{counts_path}: not a readable h5ad (obs/var could not be read: {err}). Check the file (a truncated copy, or a Git LFS pointer?)."
         raise ValueError(msg) from err
-    names = pd.Index(obs.index)
-    if not names.is_unique:
-        dups = names[names.duplicated()].unique()
-        msg = (
-            f"{counts_path}: {len(dups)} duplicate cell name(s) in obs_names, e.g. {list(dups[:5])}. "
-            "Cell names must be unique (`<library>_<barcode>-1`); prefix barcodes with their library."
-        )
-        raise ValueError(msg)
+    io.check_unique_obs_names(pd.Index(obs.index), source=counts_path)
     if batch_key not in obs.columns:
         msg = (
             f"{counts_path}: obs lacks column(s) {[batch_key]}; it has {list(obs.columns)}. "

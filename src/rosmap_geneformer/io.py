@@ -244,9 +244,9 @@ def check_raw_values(block: Any, *, source: str | Path) -> None:
         raise ValueError(msg)
 
 
-def check_unique_obs_names(adata: ad.AnnData, *, source: str | Path) -> None:
-    """Refuse duplicate cell names, listing a few of them."""
-    names = pd.Index(adata.obs_names)
+def check_unique_obs_names(adata: ad.AnnData | pd.Index, *, source: str | Path) -> None:
+    """Refuse duplicate cell names (of an AnnData, or given as an index), listing a few."""
+    names = pd.Index(adata.obs_names if isinstance(adata, ad.AnnData) else adata)
     if not names.is_unique:
         dups = names[names.duplicated()].unique()
         msg = (

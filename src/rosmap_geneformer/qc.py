@@ -675,10 +675,7 @@ def run_qc(
         )
         raise ValueError(msg)
     names = pd.Index(cells.index)
-    if not names.is_unique:
-        dups = names[names.duplicated()].unique()
-        msg = f"{source}: {len(dups)} duplicate cell name(s), e.g. {list(dups[:5])}. Cell names must be unique."
-        raise ValueError(msg)
+    io.check_unique_obs_names(names, source=source)
     mito = mito_genes(var, symbol_column=settings.symbol_column, prefix=settings.mito_prefix)
     mito_warning = None
     if not mito.any():
