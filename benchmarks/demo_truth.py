@@ -2,7 +2,7 @@
 
 The perturbation part: where the planted AD genes of the perturbed cell type rank in
 ``reports/perturb/<type>.tsv``, each counted from the end its direction predicts
-(:func:`rosmap_geneformer.truth.perturbation_against_truth`). The GRN is scored by the ``grn``
+(:func:`rosmap_geneformer.analysis.truth.perturbation_against_truth`). The GRN is scored by the ``grn``
 stage itself (``reports/grn/metrics.json``).
 
 Run after `dvc repro` (or `make demo`) from the project root:
@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from rosmap_geneformer import counts, genes, io, truth
+from rosmap_geneformer import counts, io
+from rosmap_geneformer.analysis import truth
+from rosmap_geneformer.data import genes
 from rosmap_geneformer.params import SPLITS, get, load_params
 
 

@@ -8,7 +8,7 @@ vocabulary 25,426, ReLU; random weights, seeded) and random cells of 512 and 2,0
 Methods, each in its own subprocess (clean peak RSS), each after waiting for the machine to quiet
 down:
 
-- ``batched`` (ours, :func:`rosmap_geneformer.perturbation.perturb_cells`): all deletions of a cell
+- ``batched`` (ours, :func:`rosmap_geneformer.analysis.perturbation.perturb_cells`): all deletions of a cell
   in forward passes of ``--max-tokens`` tokens, no padding, only the layers up to the one read;
 - ``naive``: Geneformer's way, re-implemented: one full forward pass of the whole encoder per
   deleted gene with ``output_hidden_states``, 100 to a batch, attention mask passed, then
@@ -70,7 +70,7 @@ def _model(seed: int):
     import torch
     from transformers import BertModel
 
-    from rosmap_geneformer.modeling import geneformer_bert_config
+    from rosmap_geneformer.geneformer.modeling import geneformer_bert_config
 
     torch.manual_seed(seed)
     config = geneformer_bert_config(**V1_10M)
@@ -112,7 +112,7 @@ def naive_shifts(encoder, ids, positions, *, layer_index: int, batch_size: int =
 def batched_shifts(
     encoder, ids, positions, *, layer_index: int, max_tokens: int, precision: str = "float32"
 ):
-    from rosmap_geneformer import perturbation
+    from rosmap_geneformer.analysis import perturbation
 
     results = list(
         perturbation.perturb_cells(
@@ -239,7 +239,8 @@ def demo_worker(args: argparse.Namespace) -> dict:
     import numpy as np
     from scipy.stats import spearmanr
 
-    from rosmap_geneformer import embeddings, io, perturbation
+    from rosmap_geneformer import io
+    from rosmap_geneformer.analysis import embeddings, perturbation
 
     model_dir = ROOT / "models" / "finetuned" / "disease"
     dataset = io.read_dataset(ROOT / "data" / "processed" / "tokenized" / "train.dataset")

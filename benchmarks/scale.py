@@ -1,7 +1,7 @@
 """How the data stages scale with the number of cells: ``python benchmarks/scale.py``.
 
 For each cell count (``--cells``, default 50,000, 200,000 and 500,000), generates a ROSMAP-shaped
-input (:mod:`rosmap_geneformer.synthetic_scale`: 33,538 genes, about 2,000 detected per cell,
+input (:mod:`rosmap_geneformer.data.synthetic_scale`: 33,538 genes, about 2,000 detected per cell,
 about 2,000 cells per library, 3 libraries per donor) into ``<workdir>/<cells>/data/raw/scale/``,
 writes a ``params.yaml`` there (the repository's, with ``data.source: scale``,
 ``tokenize.model_input_size: 2048`` and ``compute.workers`` from ``--workers``) and runs every data
@@ -115,8 +115,8 @@ def disk_bytes(path: Path) -> int:
 
 def _generate(args: argparse.Namespace) -> None:
     """In a child process (so the measuring parent stays small): write the input."""
+    from rosmap_geneformer.data.synthetic_scale import generate_rosmap_shaped
     from rosmap_geneformer.logs import setup_logging
-    from rosmap_geneformer.synthetic_scale import generate_rosmap_shaped
 
     setup_logging()
     summary = generate_rosmap_shaped(args.out, n_cells=args.generate, seed=args.seed)

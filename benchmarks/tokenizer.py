@@ -153,8 +153,8 @@ def generate(path: Path, *, n_cells: int, n_genes: int, genes_per_cell: int, see
 def run_one(config: dict) -> dict:
     """Run inside the measuring subprocess: time one tokenization, report peak RSS."""
     t_import = time.perf_counter()
-    from rosmap_geneformer.dictionaries import load_dictionaries
-    from rosmap_geneformer.tokenizer import tokenize_h5ad
+    from rosmap_geneformer.geneformer.dictionaries import load_dictionaries
+    from rosmap_geneformer.geneformer.tokenizer import tokenize_h5ad
 
     imports_s = time.perf_counter() - t_import
 

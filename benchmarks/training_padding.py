@@ -3,19 +3,19 @@
 Compares two ways of batching cells for fine-tuning, on the same tiny model, the same cells, the
 same batch size and the same number of optimizer steps:
 
-- ``dynamic`` (what the project does): :class:`rosmap_geneformer.training.ClassificationCollator`
+- ``dynamic`` (what the project does): :class:`rosmap_geneformer.training.finetune.ClassificationCollator`
   pads each batch on the right to its longest cell, and ``train_sampling_strategy=
-  "group_by_length"`` (``length`` column, from :func:`rosmap_geneformer.training.
+  "group_by_length"`` (``length`` column, from :func:`rosmap_geneformer.training.finetune.
   training_arguments`) puts cells of similar length in the same batch;
 - ``max_padding`` (the reference): the same collator, then every batch padded to
   ``--max-length`` (attention mask 0 on the padding), with random batches (``"random"``,
   the ``Trainer`` default).
 
-Both run through the project's own training code: :func:`~rosmap_geneformer.training.
-training_arguments` and :func:`~rosmap_geneformer.training.build_trainer` (``CellTrainer``,
+Both run through the project's own training code: :func:`~rosmap_geneformer.training.finetune.
+training_arguments` and :func:`~rosmap_geneformer.training.finetune.build_trainer` (``CellTrainer``,
 class-weighted loss, SDPA attention), with ``params.yaml: train`` (batch size ``--batch-size``,
 one epoch) and a randomly initialised (seeded) model of ``params.yaml: base_model.architecture``
-(:func:`~rosmap_geneformer.modeling.geneformer_bert_config`, ``max_position_embeddings`` =
+(:func:`~rosmap_geneformer.geneformer.modeling.geneformer_bert_config`, ``max_position_embeddings`` =
 ``--max-length``) on the CPU.
 
 Data: a synthetic tokenized dataset (``input_ids``, ``length``, ``label``; seeded). The number
@@ -337,7 +337,7 @@ def _train_epoch(
     """
     from dataclasses import replace
 
-    from rosmap_geneformer.training import (
+    from rosmap_geneformer.training.finetune import (
         Hyperparameters,
         PreparedTask,
         TaskSpec,
@@ -403,7 +403,7 @@ def worker(config: Mapping[str, Any]) -> dict[str, Any]:
     import transformers
     from transformers import BertForMaskedLM
 
-    from rosmap_geneformer.modeling import geneformer_bert_config
+    from rosmap_geneformer.geneformer.modeling import geneformer_bert_config
 
     logging.basicConfig(level="WARNING")
     transformers.logging.set_verbosity_error()

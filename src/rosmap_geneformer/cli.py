@@ -65,9 +65,9 @@ def _add_tokenize(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_tokenize(args: argparse.Namespace) -> int:
-    from rosmap_geneformer.dictionaries import load_dictionaries
+    from rosmap_geneformer.geneformer.dictionaries import load_dictionaries
+    from rosmap_geneformer.geneformer.tokenizer import tokenize_h5ad
     from rosmap_geneformer.io import write_json
-    from rosmap_geneformer.tokenizer import tokenize_h5ad
 
     dictionaries = load_dictionaries(args.token_dictionary, args.gene_median_dictionary)
     report = tokenize_h5ad(
@@ -109,7 +109,7 @@ def _add_dictionaries(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_dictionaries(args: argparse.Namespace) -> int:
-    from rosmap_geneformer.dictionaries import (
+    from rosmap_geneformer.geneformer.dictionaries import (
         build_dictionaries,
         compute_nonzero_medians,
         save_dictionaries,
@@ -141,8 +141,8 @@ def _add_summary(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_summary(args: argparse.Namespace) -> int:
+    from rosmap_geneformer.analysis.report import headline
     from rosmap_geneformer.params import get, load_params
-    from rosmap_geneformer.report import headline
 
     params = load_params(args.params)
     print(headline(get(params, "paths.reports"), sorted(get(params, "tasks"))))

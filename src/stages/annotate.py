@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import counts, io, metadata
+from rosmap_geneformer import counts, io
+from rosmap_geneformer.data import metadata
+from rosmap_geneformer.data.qc import QC_FATE_COLUMNS
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, raw_paths, stage_arguments
-from rosmap_geneformer.qc import QC_FATE_COLUMNS
 
 
 def main(argv: list[str] | None = None) -> None:

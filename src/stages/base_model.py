@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import io, modeling
-from rosmap_geneformer.dictionaries import (
+from rosmap_geneformer import io
+from rosmap_geneformer.geneformer import modeling
+from rosmap_geneformer.geneformer.dictionaries import (
     GENE_MEDIAN_DICTIONARY_FILE,
     TOKEN_DICTIONARY_FILE,
     load_dictionaries,

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rosmap_geneformer import baselines, evaluation, training
+from rosmap_geneformer.analysis import baselines, evaluation
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import SPLITS, get, stage_arguments
+from rosmap_geneformer.training import finetune
 
 logger = logging.getLogger("stage.baseline")
 
@@ -20,7 +21,7 @@ logger = logging.getLogger("stage.baseline")
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
-    task = training.TaskSpec.from_params(args.task, get(params, f"tasks.{args.task}"))
+    task = finetune.TaskSpec.from_params(args.task, get(params, f"tasks.{args.task}"))
     hyper = baselines.BaselineParams.from_params(get(params, "baseline"))
 
     sampled = Path(get(params, "paths.sampled"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import genes
+from rosmap_geneformer.data import genes
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, raw_paths, stage_arguments
 

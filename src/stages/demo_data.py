@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rosmap_geneformer import io, synthetic
+from rosmap_geneformer import io
+from rosmap_geneformer.data import synthetic
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
 

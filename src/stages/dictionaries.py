@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from rosmap_geneformer import counts, io
-from rosmap_geneformer.dictionaries import (
+from rosmap_geneformer.geneformer.dictionaries import (
     GENE_MEDIAN_DICTIONARY_FILE,
     TOKEN_DICTIONARY_FILE,
     build_dictionaries,

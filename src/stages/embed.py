@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rosmap_geneformer import baselines, counts, embedding_report, embeddings, io
+from rosmap_geneformer import counts, io
+from rosmap_geneformer.analysis import baselines, embedding_report, embeddings
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
 

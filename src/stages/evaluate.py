@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rosmap_geneformer import evaluation, io, training
+from rosmap_geneformer import io
+from rosmap_geneformer.analysis import evaluation
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.training import finetune
 
 logger = logging.getLogger("stage.evaluate")
 
@@ -16,18 +18,18 @@ logger = logging.getLogger("stage.evaluate")
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
-    task = training.TaskSpec.from_params(args.task, get(params, f"tasks.{args.task}"))
+    task = finetune.TaskSpec.from_params(args.task, get(params, f"tasks.{args.task}"))
     model_dir = Path(get(params, "paths.finetuned")) / args.task
-    mapping = training.load_label_mapping(model_dir)
+    mapping = finetune.load_label_mapping(model_dir)
     classes = mapping["classes"]
 
     test_path = Path(get(params, "paths.tokenized")) / "test.dataset"
-    test, other_types = training.select_cells(
+    test, other_types = finetune.select_cells(
         io.read_dataset(test_path), task, source=str(test_path)
     )
     n_selected = len(test)
-    test = training.encode_labels(test, task, classes)
-    probabilities = training.predict(
+    test = finetune.encode_labels(test, task, classes)
+    probabilities = finetune.predict(
         model_dir, test, batch_size=int(get(params, "train.eval_batch_size"))
     )
     result = evaluation.evaluate_predictions(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from rosmap_geneformer import genes
+from rosmap_geneformer.data import genes
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from rosmap_geneformer import counts, embeddings, io, perturbation
-from rosmap_geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
+from rosmap_geneformer import counts, io
+from rosmap_geneformer.analysis import embeddings, perturbation
+from rosmap_geneformer.geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
 

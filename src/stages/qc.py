@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import counts, qc
+from rosmap_geneformer import counts
+from rosmap_geneformer.data import qc
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.parallel import resolve_workers
 from rosmap_geneformer.params import get, stage_arguments

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 from rosmap_geneformer import io
+from rosmap_geneformer.analysis.report import ReportBuilder
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
-from rosmap_geneformer.report import ReportBuilder
 
 logger = logging.getLogger("stage.report")
 

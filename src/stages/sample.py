@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from rosmap_geneformer import counts, io
+from rosmap_geneformer.data.metadata import count_values
+from rosmap_geneformer.data.sampling import split_rng, undersample
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.metadata import count_values
 from rosmap_geneformer.params import SPLITS, get, stage_arguments
-from rosmap_geneformer.sampling import split_rng, undersample
 
 
 def main(argv: list[str] | None = None) -> None:

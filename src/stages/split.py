@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rosmap_geneformer import counts, io, metadata
+from rosmap_geneformer import counts, io
+from rosmap_geneformer.data import metadata
+from rosmap_geneformer.data.split import split_patients
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import SPLITS, get, raw_paths, stage_arguments
-from rosmap_geneformer.split import split_patients
 
 logger = logging.getLogger("stage.split")
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rosmap_geneformer import counts, io
-from rosmap_geneformer.dictionaries import (
+from rosmap_geneformer.geneformer.dictionaries import (
     GENE_MEDIAN_DICTIONARY_FILE,
     TOKEN_DICTIONARY_FILE,
     load_dictionaries,
 )
+from rosmap_geneformer.geneformer.tokenizer import default_nproc, tokenize_cells
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
-from rosmap_geneformer.tokenizer import default_nproc, tokenize_cells
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import io, training
+from rosmap_geneformer import io
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.training import finetune
 
 
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
     tasks = get(params, "tasks")
-    task = training.TaskSpec.from_params(args.task, tasks[args.task])
-    hyper = training.Hyperparameters.from_params(get(params, "train"))
+    task = finetune.TaskSpec.from_params(args.task, tasks[args.task])
+    hyper = finetune.Hyperparameters.from_params(get(params, "train"))
     seed = int(get(params, "seed"))
 
     tokenized = Path(get(params, "paths.tokenized"))
@@ -29,10 +30,10 @@ def main(argv: list[str] | None = None) -> None:
         "task": tasks[args.task],
         "train": get(params, "train"),
         "seed": seed,
-        "data": {p.name: training.directory_digest(p) for p in (train_path, val_path)},
-        "base_model": training.directory_digest(base_model),
+        "data": {p.name: finetune.directory_digest(p) for p in (train_path, val_path)},
+        "base_model": finetune.directory_digest(base_model),
     }
-    training.fine_tune(
+    finetune.fine_tune(
         task=task,
         train=io.read_dataset(train_path),
         val=io.read_dataset(val_path),
@@ -42,9 +43,9 @@ def main(argv: list[str] | None = None) -> None:
         live_dir=Path(get(params, "paths.dvclive")) / "train" / args.task,
         hyper=hyper,
         seed=seed,
-        run_fingerprint=training.fingerprint(run),
+        run_fingerprint=finetune.fingerprint(run),
     )
-    training.end_distributed()
+    finetune.end_distributed()
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ import optuna
 import torch
 import transformers
 
-from rosmap_geneformer import io, training, tuning
+from rosmap_geneformer import io
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import DEFAULT_PARAMS, get, load_params
+from rosmap_geneformer.training import finetune, tuning
 
 logger = logging.getLogger("tune")
 
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         msg = f"params.yaml: no task {task_name!r} under tasks; known: {sorted(tasks)}."
         raise ValueError(msg)
     tune["task"] = task_name
-    task = training.TaskSpec.from_params(task_name, tasks[task_name])
+    task = finetune.TaskSpec.from_params(task_name, tasks[task_name])
     base_model = Path(get(params, "paths.base_model"))
     config = base_model / "config.json"
     if not config.is_file():
@@ -89,22 +90,22 @@ def main(argv: list[str] | None = None) -> None:
     train_path, val_path = tokenized / "train.dataset", tokenized / "val.dataset"
     train, val = io.read_dataset(train_path), io.read_dataset(val_path)
     tuning.check_patients_disjoint(train, val)
-    prepared = training.prepare_task(train, val, task)
-    metric = training.check_task_metric(prepared, task)
+    prepared = finetune.prepare_task(train, val, task)
+    metric = finetune.check_task_metric(prepared, task)
 
     study_inputs = {
         "task": tasks[task_name],
         "tune": {k: v for k, v in tune.items() if k not in ("n_trials", "storage", "study_name")},
         "fixed": fixed,
         "seed": seed,
-        "data": {p.name: training.directory_digest(p) for p in (train_path, val_path)},
-        "base_model": training.directory_digest(base_model),
+        "data": {p.name: finetune.directory_digest(p) for p in (train_path, val_path)},
+        "base_model": finetune.directory_digest(base_model),
         "code": {
-            Path(m.__file__).name: training.directory_digest(m.__file__) for m in (training, tuning)
+            Path(m.__file__).name: finetune.directory_digest(m.__file__) for m in (finetune, tuning)
         },
         "versions": [optuna.__version__, transformers.__version__, torch.__version__],
     }
-    fingerprint = training.fingerprint(study_inputs)
+    fingerprint = finetune.fingerprint(study_inputs)
     name = settings.study_name or tuning.default_study_name(task_name, fingerprint)
     checkpoints = Path(get(params, "paths.checkpoints"))
     location = tuning.resolve_storage(settings.storage, checkpoints=checkpoints)

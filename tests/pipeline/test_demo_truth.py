@@ -15,7 +15,7 @@ import pytest
 import yaml
 from dvc_repo import PROJECT, dvc, tiny_repo
 
-from rosmap_geneformer import truth
+from rosmap_geneformer.analysis import truth
 
 SHIPPED = yaml.safe_load((PROJECT / "params.yaml").read_text())
 TRUTH_PARAMS = {

@@ -12,7 +12,9 @@ import pytest
 import yaml
 from dvc_repo import copy_repo, dvc, reproduced_template, stages_run, template_repro_output
 
-from rosmap_geneformer import counts, genes, truth
+from rosmap_geneformer import counts
+from rosmap_geneformer.analysis import truth
+from rosmap_geneformer.data import genes
 
 pytestmark = pytest.mark.pipeline
 
@@ -119,7 +121,7 @@ def test_qc_param_change_reruns_qc_and_downstream_only(repo: Path) -> None:
 
 
 def test_tune_perturb_and_grn_write_their_contracts(repo: Path) -> None:
-    from rosmap_geneformer import tuning
+    from rosmap_geneformer.training import tuning
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     best = tuning.load_best_params(repo / "reports/tune/best_params.yaml")
