@@ -33,9 +33,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import harness
 import numpy as np
 import yaml
-from harness import machine_context, run_measured, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test")
@@ -120,7 +120,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     setup_logging()
     summary = generate_rosmap_shaped(args.out, n_cells=args.generate, seed=args.seed)
-    write_json(summary, args.summary)
+    harness.write_json(summary, args.summary)
 
 
 def measure_size(n_cells: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def measure_size(n_cells: int, args: argparse.Namespace) -> dict[str, Any]:
     summary_path = logs / "generation.json"
     cmd = [sys.executable, __file__, "--generate", str(n_cells), "--seed", str(args.seed)]
     cmd += ["--out", str(raw), "--summary", str(summary_path)]
-    generation = run_measured(cmd, log=logs / "generation.log", **run)
+    generation = harness.run_measured(cmd, log=logs / "generation.log", **run)
     if generation["returncode"]:
         return {"cells": n_cells, "failed": "generation", "generation": generation}
     generation.pop("output_tail")
@@ -163,7 +163,7 @@ def measure_size(n_cells: int, args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, ROOT / "src" / "stages" / script, "--params", "params.yaml"]
         cmd += ["--split", split] if split else []
         logger.info("%d cells: stage %s (%d/%d)", n_cells, stage, index, len(STAGES))
-        figures = run_measured(cmd, log=logs / f"{stage}.log", **run)
+        figures = harness.run_measured(cmd, log=logs / f"{stage}.log", **run)
         figures["stage"] = stage
         if figures["returncode"]:
             logger.error(
@@ -335,10 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     args.workdir = args.workdir.resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
     params = work_params(workers=args.workers)
-    report: dict[str, Any] = {
-        "benchmark": "scale",
-        "machine": machine_context(),
-        "settings": {
+    report = harness.start_report(
+        "scale",
+        settings={
             "workdir": str(args.workdir),
             "seed": args.seed,
             "workers": params["compute"]["workers"],
@@ -358,19 +357,21 @@ def main(argv: list[str] | None = None) -> None:
             "(pages shared by forked workers count once per process: an upper bound)",
             "outputs": "apparent bytes of the outs, metrics and plots dvc.yaml declares",
         },
-        "sizes": [],
-        "fits": {},
-    }
+        sizes=[],
+        fits={},
+    )
     failed = False
     for n_cells in (int(c) for c in args.cells.split(",")):
         size = measure_size(n_cells, args)
         report["sizes"].append(size)
         report["fits"] = fits(report["sizes"])
-        write_json(portable(report, workdir=Path(args.workdir)), args.output)
+        harness.write_json(portable(report, workdir=Path(args.workdir)), args.output)
         if "failed" in size:
             failed = True
             logger.error("%d cells: stopped at %s; work folder kept", n_cells, size["failed"])
             break
+    report["load_after"] = harness.load_after()
+    harness.write_json(portable(report, workdir=Path(args.workdir)), args.output)
     plot(report["sizes"], args.output.with_suffix(".png"))
     print(markdown(report))
     logger.info("wrote %s and %s", args.output, args.output.with_suffix(".png"))

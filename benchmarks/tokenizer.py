@@ -2,52 +2,73 @@
 
 Generates raw counts like the reference run in ``geneformer-spec.md`` section 2.8 (20,000 genes
 taken from the gc30M token dictionary, about 2,050 non-zero genes per cell, float32 CSR, ~1% of
-cells with ``filter_pass`` 0), written to h5ad in chunks outside the timing. Each configuration
-then runs in its own subprocess, so that peak memory is clean:
+cells with ``filter_pass`` 0), written to h5ad in chunks outside the timing. Styles:
 
 - V1: gc30M dictionaries, ``model_input_size`` 2048, no special tokens;
 - V2: a synthetic V2-style pair (the gc30M genes renumbered after ``<pad>`` 0, ``<mask>`` 1,
-  ``<cls>`` 2, ``<eos>`` 3, python-int tokens, gc30M medians; the real gc104M medians are not
-  available), ``model_input_size`` 4096 with ``<cls>``/``<eos>``;
+  ``<cls>`` 2, ``<eos>`` 3, gc30M medians; the real gc104M medians are not available),
+  ``model_input_size`` 4096 with ``<cls>``/``<eos>``.
 
-at 20,000 and 200,000 cells, with 1 and 2 processes. Each configuration runs ``--repeat`` times,
-each after waiting for other load on the machine to settle; the fastest run is reported with all
-run times and the CPUs other processes kept busy just before it.
+Two sides, each run in its own interpreter measured by :mod:`harness` (waits for a quiet
+machine, records the load, samples the peak RSS of the process tree):
+
+- ``ours``: the project's ``tokenize_h5ad`` at each ``--nproc``;
+- ``reference``: Geneformer's steps ported (``tests/geneformer/tokenizer_reference.py``:
+  ``scipy_expression_tokenize``, Geneformer's own scipy matrix expression on chunks, then a
+  per-row argsort), after reading the whole h5ad with anndata as Geneformer does, written with
+  ``datasets.Dataset.from_dict`` + ``save_to_disk``; one process. A port, not Geneformer itself
+  (no per-example ``map``), run only up to ``--reference-cells`` cells (it holds every cell in
+  memory).
+
+Within each repeat the sides run one after another, so drifting load hits both alike; the
+speed-up is only computed between the two sides of this run (``ours`` at ``nproc`` 1 over
+``reference``), from the best runs and for each repeat. Geneformer's own published figure (spec
+2.8, another machine) is kept as a quoted figure and divided into nothing.
 
 Timed (``total_s``, the basis of ``cells_per_s``): loading the dictionaries, reading, encoding
-and writing the ``save_to_disk`` dataset; imports are reported apart (``imports_s``) and within
-``wall_incl_imports_s``. Memory: the peak RSS of the main process (``ru_maxrss``, exact) and, for
-the process tree, the peak of the summed RSS sampled every 50 ms (pages the forked workers share
-with the parent count twice, so it is an upper bound).
-
-Results go to ``reports/benchmarks/tokenizer.json``. The dictionaries are read from
-``$GENEFORMER_DICTIONARY_DIR`` (default ``../shared/geneformer_dictionaries`` from the project
-root).
+and writing the dataset; imports apart (``imports_s``; the harness's ``process.wall_s`` includes
+them). Results go to ``reports/benchmarks/tokenizer.json``; the dictionaries are read from
+``$GENEFORMER_DICTIONARY_DIR`` (default ``../shared/geneformer_dictionaries``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pickle
-import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from machine_load import wait_for_quiet
+import harness
 
-ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = {
-    "source": "geneformer-spec.md section 2.8: Geneformer TranscriptomeTokenizer, h5ad, nproc=1, "
-    "20,000 cells x 20,000 genes (19,795 pass filter_pass), same machine type (2 cores)",
-    "V1": {"cells_per_s": 1170, "total_s": 16.9, "wall_incl_imports_s": 24.7, "peak_rss_mb": 1360},
-    "V2": {"cells_per_s": 1210, "total_s": 16.4, "wall_incl_imports_s": 22.8, "peak_rss_mb": 2320},
-}
+ROOT = harness.ROOT
+STYLES = {"V1": (2048, False), "V2": (4096, True)}  # model_input_size, special tokens
+COLUMNS = ["cell_id", "patient_id", "cell_type", "ad_status"]
+GENEFORMER_QUOTED = harness.quoted(
+    {
+        "setup": "Geneformer TranscriptomeTokenizer, h5ad, nproc=1, chunk_size 512, 20,000 cells "
+        "x 20,000 genes (19,795 pass filter_pass)",
+        "V1": {"cells_per_s": 1170, "total_s": 16.9, "wall_incl_imports_s": 24.7},
+        "V2": {"cells_per_s": 1210, "total_s": 16.4, "wall_incl_imports_s": 22.8},
+        "peak_rss_mb": {"V1": 1360, "V2": 2320},
+    },
+    source="/work/shared/reference/geneformer-spec.md section 2.8 (a 2-core machine of this "
+    "project's kind, earlier; CPU model, sort dispatch and load not recorded)",
+)
+
+
+def _library() -> tuple[Any, Any]:
+    """The library functions this benchmark runs (the one place to update if modules move)."""
+    from rosmap_geneformer.geneformer.dictionaries import load_dictionaries
+    from rosmap_geneformer.geneformer.tokenizer import tokenize_h5ad
+
+    return load_dictionaries, tokenize_h5ad
 
 
 def dictionary_dir() -> Path:
@@ -150,114 +171,162 @@ def generate(path: Path, *, n_cells: int, n_genes: int, genes_per_cell: int, see
     tmp.rename(path)
 
 
-def run_one(config: dict) -> dict:
-    """Run inside the measuring subprocess: time one tokenization, report peak RSS."""
-    t_import = time.perf_counter()
-    from rosmap_geneformer.geneformer.dictionaries import load_dictionaries
-    from rosmap_geneformer.geneformer.tokenizer import tokenize_h5ad
+# ------------------------------------------------------------------------------------------
+# Worker (one side, one configuration per process)
 
-    imports_s = time.perf_counter() - t_import
 
-    def cpu_seconds() -> float:
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+def _cpu_seconds() -> float:
+    """CPU time of this process and its waited-for children (the pool's workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
-    cpu0 = cpu_seconds()
-    t0 = time.perf_counter()
-    dictionaries = load_dictionaries(config["tokens"], config["medians"])
+
+def _ours(config: dict[str, Any]) -> dict[str, Any]:
+    """Tokenize with the project's ``tokenize_h5ad``; the timing starts after the imports."""
+    load_dictionaries, tokenize_h5ad = _library()
     report = tokenize_h5ad(
         config["input"],
         config["output"],
-        dictionaries=dictionaries,
+        dictionaries=load_dictionaries(config["tokens"], config["medians"]),
         model_input_size=config["model_input_size"],
         special_tokens=config["special_tokens"],
-        columns=["cell_id", "patient_id", "cell_type", "ad_status"],
+        columns=COLUMNS,
         chunk_size=config["chunk_size"],
         nproc=config["nproc"],
     )
-    total_s = time.perf_counter() - t0
-    cpu_s = cpu_seconds() - cpu0
-    cells = report["cells"]["tokenized"]
     return {
-        "imports_s": round(imports_s, 3),
-        "total_s": round(total_s, 3),
-        "cells_tokenized": cells,
-        "cells_per_s": round(cells / total_s),
-        "cpu_s": round(cpu_s, 3),
-        "cells_per_cpu_s": round(cells / cpu_s),
-        "peak_rss_main_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "peak_rss_children_max_mb": round(
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        ),
+        "cells_tokenized": report["cells"]["tokenized"],
         "median_length": report["length"].get("median"),
         "input_ids_dtype": report["output"]["input_ids_dtype"],
     }
 
 
-def _tree_rss_mb(pid: int) -> float:
-    """Summed RSS of a process and its children (cheap to sample; counts shared pages twice)."""
-    import psutil
+def _reference_tokenizer() -> Any:
+    """``scipy_expression_tokenize`` of ``tests/geneformer/tokenizer_reference.py``."""
+    sys.path.insert(0, str(ROOT / "tests" / "geneformer"))
+    from tokenizer_reference import scipy_expression_tokenize
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0.0
-    total = 0
-    for proc in procs:
-        try:
-            total += proc.memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return total / 2**20
+    return scipy_expression_tokenize
 
 
-def measure(config: dict, *, wait_s: float) -> dict:
-    """Run one configuration in a fresh interpreter, sampling the RSS of its process tree."""
-    env = {**os.environ, "ROSMAP_LOG_LEVEL": "WARNING", "TQDM_DISABLE": "1"}
-    busy_before = wait_for_quiet(wait_s)
-    start = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--run-one", json.dumps(config)],
-        stdout=subprocess.PIPE,
-        env=env,
-        cwd=ROOT,
-        text=True,
+def _reference(config: dict[str, Any]) -> dict[str, Any]:
+    """Geneformer's steps, ported: read all, scipy expression per chunk, rank, write."""
+    import anndata
+    import datasets
+    import numpy as np
+
+    scipy_expression_tokenize = _reference_tokenizer()
+    with Path(config["tokens"]).open("rb") as fh:
+        token_dict = pickle.load(fh)
+    with Path(config["medians"]).open("rb") as fh:
+        median_dict = pickle.load(fh)
+    adata = anndata.read_h5ad(config["input"])  # whole file in memory, as Geneformer reads it
+    ids = scipy_expression_tokenize(
+        adata,
+        token_dict,
+        median_dict,
+        model_input_size=config["model_input_size"],
+        special_tokens=config["special_tokens"],
+        chunk_size=config["chunk_size"],
     )
-    peak_tree = 0.0
-    while proc.poll() is None:
-        peak_tree = max(peak_tree, _tree_rss_mb(proc.pid))
-        time.sleep(0.05)
-    wall = time.perf_counter() - start
-    out, _ = proc.communicate()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if proc.returncode:
-        sys.exit(f"configuration {config} failed (exit {proc.returncode})")
-    result = json.loads(out.strip().splitlines()[-1])
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    result["wall_incl_imports_s"] = round(wall, 3)
-    result["cpu_s_incl_imports"] = round(cpu, 3)
-    result["peak_rss_tree_sum_mb"] = round(peak_tree)
-    result["other_load_cpus_before"] = busy_before
+    columns: dict[str, Any] = {"input_ids": ids}
+    obs = adata.obs[adata.obs["filter_pass"] == 1]
+    if len(obs) == len(ids):  # no empty cells: labels line up with the output rows
+        columns["cell_id"] = obs.index.tolist()
+        columns.update({c: obs[c].astype(str).tolist() for c in COLUMNS[1:]})
+    columns["length"] = [len(x) for x in ids]
+    datasets.Dataset.from_dict(columns).save_to_disk(config["output"])
+    return {
+        "cells_tokenized": len(ids),
+        "median_length": float(np.median(columns["length"])),
+    }
+
+
+def _agreement(ours_path: str, reference_path: str, n: int = 200) -> dict[str, Any]:
+    """How many of the first ``n`` cells both sides tokenized identically (outside timing)."""
+    import datasets
+
+    ours = datasets.load_from_disk(ours_path)["input_ids"][:n]
+    ref = datasets.load_from_disk(reference_path)["input_ids"][:n]
+    same = sum(list(a) == list(b) for a, b in zip(ours, ref, strict=False))
+    return {"cells_compared": min(len(ours), len(ref)), "cells_identical": same}
+
+
+def worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Run one side on one input, timing everything after the imports.
+
+    Parameters
+    ----------
+    config
+        ``side`` (``ours`` or ``reference``), ``input``, ``output``, ``tokens``, ``medians``,
+        ``model_input_size``, ``special_tokens``, ``chunk_size``, ``nproc`` and, for the
+        reference, ``compare_with`` (ours' output, or None).
+
+    Returns
+    -------
+    dict
+        Times, rates and what was written.
+    """
+    import logging
+
+    logging.basicConfig(level="WARNING")
+    t_import = time.perf_counter()
+    if config["side"] == "ours":
+        _library()
+    else:
+        import anndata  # noqa: F401
+        import datasets  # noqa: F401
+
+        _reference_tokenizer()
+    imports_s = time.perf_counter() - t_import
+    shutil.rmtree(config["output"], ignore_errors=True)
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    out = (_ours if config["side"] == "ours" else _reference)(config)
+    total_s, cpu_s = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    cells = out["cells_tokenized"]
+    result = {
+        "imports_s": round(imports_s, 3),
+        "total_s": round(total_s, 3),
+        "cells_per_s": round(cells / total_s),
+        "cpu_s": round(cpu_s, 3),
+        "cells_per_cpu_s": round(cells / cpu_s),
+        **out,
+    }
+    if config.get("compare_with") and Path(config["compare_with"]).is_dir():
+        result["agreement_with_ours"] = _agreement(config["compare_with"], config["output"])
     return result
 
 
+# ------------------------------------------------------------------------------------------
+# Driver
+
+
+def _input(workdir: Path, n_cells: int) -> Path:
+    """The generated h5ad of ``n_cells`` (made once, kept in ``workdir`` for reuse)."""
+    data = workdir / f"counts_{n_cells}x20000.h5ad"
+    if not data.exists():
+        # In a child process, so that this driver stays small.
+        t = time.perf_counter()
+        cmd = [sys.executable, __file__, "--generate", str(n_cells), "--generate-to", str(data)]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        print(f"generated {data} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return data
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run every side, style, size and process count; write the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-one", help=argparse.SUPPRESS)
-    parser.add_argument("--generate", help=argparse.SUPPRESS)
     parser.add_argument("--cells", default="20000,200000", help="cell counts, comma-separated")
-    parser.add_argument("--nproc", default="1,2", help="process counts, comma-separated")
+    parser.add_argument("--nproc", default="1,2", help="process counts of ours, comma-separated")
     parser.add_argument("--styles", default="V1,V2")
     parser.add_argument("--chunk-size", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration; best kept")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per configuration")
     parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=120,
-        help="seconds to wait before each run for other load to drop below 0.3 CPU",
+        "--reference-cells",
+        type=int,
+        default=20_000,
+        help="run the reference side at cell counts up to this (0: never)",
     )
     parser.add_argument(
         "--workdir",
@@ -266,74 +335,116 @@ def main(argv: list[str] | None = None) -> None:
         help="where generated inputs (kept for reuse) and outputs go",
     )
     parser.add_argument("--output", type=Path, default=ROOT / "reports/benchmarks/tokenizer.json")
+    parser.add_argument("--generate", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--generate-to", type=Path, help=argparse.SUPPRESS)
+    harness.worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.generate:
-        spec = json.loads(args.generate)
-        generate(
-            Path(spec["path"]), n_cells=spec["n_cells"], n_genes=20_000, genes_per_cell=2050, seed=0
-        )
+    if harness.serve_worker(args, worker):
         return
-    if args.run_one:
-        import logging
-
-        logging.basicConfig(level="WARNING")
-        print(json.dumps(run_one(json.loads(args.run_one))))
+    if args.generate:
+        generate(
+            args.generate_to, n_cells=args.generate, n_genes=20_000, genes_per_cell=2050, seed=0
+        )
         return
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     dictionaries = make_dictionaries(args.workdir)
-    styles = {"V1": (2048, False), "V2": (4096, True)}
-    results = []
-    for n_cells in (int(c) for c in args.cells.split(",")):
-        data = args.workdir / f"counts_{n_cells}x20000.h5ad"
-        if not data.exists():
-            # In a child process: Linux carries a parent's peak RSS into the ru_maxrss of the
-            # children it spawns, so the measuring parent must stay small.
-            t = time.perf_counter()
-            spec = json.dumps({"path": str(data), "n_cells": n_cells})
-            subprocess.run([sys.executable, __file__, "--generate", spec], check=True, cwd=ROOT)
-            print(f"generated {data} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        for style in args.styles.split(","):
-            size, special = styles[style]
-            for nproc in (int(n) for n in args.nproc.split(",")):
-                config = {
-                    "input": str(data),
-                    "output": str(args.workdir / f"out_{style}_{n_cells}_{nproc}.dataset"),
-                    "tokens": str(dictionaries[style]["tokens"]),
-                    "medians": str(dictionaries[style]["medians"]),
-                    "model_input_size": size,
-                    "special_tokens": special,
-                    "chunk_size": args.chunk_size,
-                    "repeats": f"best (shortest total_s) of {args.repeat} runs per configuration",
-                    "nproc": nproc,
-                }
-                runs = [measure(config, wait_s=args.wait_quiet) for _ in range(args.repeat)]
-                best = min(runs, key=lambda r: r["total_s"])
-                result = {"style": style, "cells": n_cells, "nproc": nproc, **best}
-                result["total_s_all_runs"] = [r["total_s"] for r in runs]
-                result["peak_rss_main_mb_max_over_runs"] = max(r["peak_rss_main_mb"] for r in runs)
-                result["speedup_vs_geneformer"] = round(
-                    result["cells_per_s"] / REFERENCE[style]["cells_per_s"], 1
-                )
-                results.append(result)
-                print(json.dumps(result), file=sys.stderr)
-    report = {
-        "benchmark": "tokenizer",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "input": {
-            "genes": 20_000,
-            "non_zero_genes_per_cell": "about 2,050",
-            "dtype": "float32 CSR",
-            "filter_pass": "about 1% of cells 0",
+    nprocs = [int(n) for n in args.nproc.split(",")]
+    report = harness.start_report(
+        "tokenizer",
+        settings={
+            "input": {
+                "genes": 20_000,
+                "non_zero_genes_per_cell": "about 2,050",
+                "dtype": "float32 CSR",
+                "filter_pass": "about 1% of cells 0",
+            },
+            "chunk_size": args.chunk_size,
+            "repeats": f"{args.repeat} per configuration, sides alternating; best by cells_per_s",
+            "wait_quiet_s": args.wait_quiet,
+            "sides": {
+                "ours": "rosmap_geneformer tokenize_h5ad",
+                "reference": "Geneformer's steps ported (tests/geneformer/tokenizer_reference.py "
+                "scipy_expression_tokenize; anndata.read_h5ad; datasets from_dict + "
+                "save_to_disk), 1 process; not Geneformer itself",
+            },
         },
-        "chunk_size": args.chunk_size,
-        "repeats": f"best (shortest total_s) of {args.repeat} runs per configuration",
-        "results": results,
-        "geneformer_reference": REFERENCE,
-        "targets": {"cells_per_s": 20_000, "peak_rss_mb": 1024},
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+        results=[],
+        speedup_same_run=[],
+        geneformer=GENEFORMER_QUOTED,
+        targets={"cells_per_s": 20_000, "peak_rss_mb": 1024},
+    )
+    for n_cells in (int(c) for c in args.cells.split(",")):
+        data = _input(args.workdir, n_cells)
+        for style in args.styles.split(","):
+            size, special = STYLES[style]
+            base = {
+                "input": str(data),
+                "tokens": str(dictionaries[style]["tokens"]),
+                "medians": str(dictionaries[style]["medians"]),
+                "model_input_size": size,
+                "special_tokens": special,
+                "chunk_size": args.chunk_size,
+            }
+            configs = {f"ours_nproc{n}": {**base, "side": "ours", "nproc": n} for n in nprocs}
+            if 0 < n_cells <= args.reference_cells:
+                ours1 = args.workdir / f"out_ours_{style}_{n_cells}_1.dataset"
+                configs["reference"] = {
+                    **base,
+                    "side": "reference",
+                    "nproc": 1,
+                    "compare_with": str(ours1) if 1 in nprocs else None,
+                }
+            for config in configs.values():
+                config["output"] = str(
+                    args.workdir
+                    / f"out_{config['side']}_{style}_{n_cells}_{config['nproc']}.dataset"
+                )
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+            for _ in range(args.repeat):
+                for name, config in configs.items():
+                    run = harness.run_worker(__file__, config, wait_quiet_s=args.wait_quiet)
+                    runs[name].append(run)
+                    print(
+                        f"{style} {n_cells} {name}: {run['cells_per_s']} cells/s "
+                        f"(busy CPUs before {run['process']['busy_cpus_before']}, "
+                        f"load {run['process']['loadavg_before']})",
+                        file=sys.stderr,
+                    )
+            for name, config in configs.items():
+                best = harness.best_of(runs[name], "cells_per_s")
+                report["results"].append(
+                    {
+                        "style": style,
+                        "cells": n_cells,
+                        "side": config["side"],
+                        "nproc": config["nproc"],
+                        **best,
+                    }
+                )
+            if "reference" in runs and "ours_nproc1" in runs:
+                ours, ref = runs["ours_nproc1"], runs["reference"]
+                report["speedup_same_run"].append(
+                    {
+                        "style": style,
+                        "cells": n_cells,
+                        "compared": "ours (nproc 1) / reference, cells_per_s, same input, "
+                        "same run, sides alternating",
+                        "best_of_runs": harness.ratio(
+                            max(r["cells_per_s"] for r in ours), max(r["cells_per_s"] for r in ref)
+                        ),
+                        "cpu_normalised_best_of_runs": harness.ratio(
+                            max(r["cells_per_cpu_s"] for r in ours),
+                            max(r["cells_per_cpu_s"] for r in ref),
+                        ),
+                        "each_repeat": [
+                            harness.ratio(a["cells_per_s"], b["cells_per_s"])
+                            for a, b in zip(ours, ref, strict=True)
+                        ],
+                    }
+                )
+            harness.write_json(report, args.output)  # keep what is measured so far
+    harness.finish_report(report, args.output)
     print(f"wrote {args.output}", file=sys.stderr)
 
 
