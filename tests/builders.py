@@ -28,7 +28,7 @@ import yaml
 from scipy import sparse
 from transformers import BertConfig, BertForMaskedLM
 
-from rosmap_geneformer.geneformer.modeling import geneformer_bert_config
+from rosmap_geneformer.geneformer.model import geneformer_bert_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,15 +12,15 @@ from rosmap_geneformer import counts, io
 from rosmap_geneformer.data import metadata
 from rosmap_geneformer.data.qc import QC_FATE_COLUMNS
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import get, raw_paths, stage_arguments
+from rosmap_geneformer.params import raw_paths, stage_arguments
 
 
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_split=True)
     setup_logging()
-    columns = get(params, "data.columns")
+    columns = params.data.columns.model_dump()
     raw = raw_paths(params)
-    in_path = Path(get(params, "paths.qc")) / f"{args.split}.parquet"
+    in_path = Path(params.paths.qc) / f"{args.split}.parquet"
 
     qc_cells = counts.read_cells(in_path, what="QC cell table")
     missing = [c for c in ("patient_id", "kept") if c not in qc_cells.columns]
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     labels = metadata.ad_status(
         donors,
-        definition=get(params, "labels.ad_definition"),
+        definition=params.labels.ad_definition,
         columns=columns,
         source=raw["individual_metadata"],
     )
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> None:
             "cell names match obs_names and labels.ad_definition."
         )
         raise ValueError(msg)
-    counts.write_cells(annotated, Path(get(params, "paths.annotated")) / f"{args.split}.parquet")
-    io.write_json(report, Path(get(params, "paths.reports")) / "annotate" / f"{args.split}.json")
+    counts.write_cells(annotated, Path(params.paths.annotated) / f"{args.split}.parquet")
+    io.write_json(report, Path(params.paths.reports) / "annotate" / f"{args.split}.json")
 
 
 if __name__ == "__main__":

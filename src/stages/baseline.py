@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rosmap_geneformer.analysis import baselines, evaluation
+from rosmap_geneformer.analysis import baselines
+from rosmap_geneformer.analysis.evaluation.evaluate import write_evaluation
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import SPLITS, get, stage_arguments
-from rosmap_geneformer.training import finetune
+from rosmap_geneformer.params import SPLITS, stage_arguments
+from rosmap_geneformer.training.tasks import TaskSpec
 
 logger = logging.getLogger("stage.baseline")
 
@@ -21,15 +22,15 @@ logger = logging.getLogger("stage.baseline")
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
-    task = finetune.TaskSpec.from_params(args.task, get(params, f"tasks.{args.task}"))
-    hyper = baselines.BaselineParams.from_params(get(params, "baseline"))
+    task = TaskSpec.from_params(args.task, params.tasks[args.task].values())
+    hyper = baselines.BaselineParams.from_params(params.baseline.values())
 
-    sampled = Path(get(params, "paths.sampled"))
-    tokenized = Path(get(params, "paths.tokenized"))
+    sampled = Path(params.paths.sampled)
+    tokenized = Path(params.paths.tokenized)
     splits = {
         split: baselines.SplitInput(
             cells=sampled / f"{split}.parquet",
-            matrix=Path(get(params, "paths.ensembl")),
+            matrix=Path(params.paths.ensembl),
             tokenized=tokenized / f"{split}.dataset",
         )
         for split in SPLITS
@@ -38,14 +39,14 @@ def main(argv: list[str] | None = None) -> None:
         task,
         splits,
         hyper=hyper,
-        seed=int(get(params, "seed")),
-        n_boot=int(get(params, "evaluate.n_boot")),
+        seed=int(params.seed),
+        n_boot=int(params.evaluate.n_boot),
     )
-    evaluation.write_evaluation(
+    write_evaluation(
         result,
-        Path(get(params, "paths.reports")) / "baseline" / args.task,
-        live_dir=Path(get(params, "paths.dvclive")) / "baseline" / args.task,
-        predictions_path=Path(get(params, "paths.predictions")) / f"baseline_{args.task}.tsv",
+        Path(params.paths.reports) / "baseline" / args.task,
+        live_dir=Path(params.paths.dvclive) / "baseline" / args.task,
+        predictions_path=Path(params.paths.predictions) / f"baseline_{args.task}.tsv",
     )
     logger.info("%s baseline: %s", args.task, result.metrics)
 

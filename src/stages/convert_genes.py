@@ -9,27 +9,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer.data import genes
+from rosmap_geneformer.data import convert_genes, gene_map
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import get, raw_paths, stage_arguments
+from rosmap_geneformer.params import raw_paths, stage_arguments
 
 
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
     counts_path = raw_paths(params)["counts"]
-    gene_map_path = Path(get(params, "paths.gene_map"))
-    reports = Path(get(params, "paths.reports")) / "genes"
+    gene_map_path = Path(params.paths.gene_map)
+    reports = Path(params.paths.reports) / "genes"
 
-    result = genes.convert_genes_file(
+    result = convert_genes.convert_genes_file(
         counts_path,
-        get(params, "paths.ensembl"),
-        genes.read_gene_map(gene_map_path),
-        batch_key=get(params, "data.columns.batch"),
-        chunk_size=int(get(params, "compute.chunk_size")),
+        params.paths.ensembl,
+        gene_map.read_gene_map(gene_map_path),
+        batch_key=params.data.columns.batch,
+        chunk_size=int(params.compute.chunk_size),
         gene_map_source=gene_map_path,
     )
-    genes.write_conversion(
+    convert_genes.write_conversion(
         result, h5ad=None, report=reports / "mapping.json", lost=reports / "lost_genes.tsv"
     )
 

@@ -21,7 +21,7 @@ from rosmap_geneformer.geneformer.dictionaries import (
     save_dictionaries,
 )
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.params import stage_arguments
 
 SOURCES = ("from_data", "geneformer")
 
@@ -29,23 +29,23 @@ SOURCES = ("from_data", "geneformer")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
-    source = get(params, "dictionaries.source")
-    special_tokens = bool(get(params, "tokenize.special_tokens"))
-    out_dir = Path(get(params, "paths.dictionaries"))
+    source = params.dictionaries.source
+    special_tokens = bool(params.tokenize.special_tokens)
+    out_dir = Path(params.paths.dictionaries)
     report: dict = {"source": source}
     if source == "from_data":
-        train = Path(get(params, "paths.sampled")) / "train.parquet"
+        train = Path(params.paths.sampled) / "train.parquet"
         medians, report["medians"] = compute_nonzero_medians(
-            get(params, "paths.ensembl"),
+            params.paths.ensembl,
             cells=counts.read_cells(train, what="sampled train cell table"),
-            chunk_size=int(get(params, "dictionaries.chunk_size")),
+            chunk_size=int(params.dictionaries.chunk_size),
         )
         dictionaries = build_dictionaries(medians, special_tokens=special_tokens, source=str(train))
         with io.atomic_output(out_dir) as tmp:
             save_dictionaries(dictionaries, tmp)
     elif source == "geneformer":
-        token_path = Path(get(params, "dictionaries.token_dictionary"))
-        median_path = Path(get(params, "dictionaries.gene_median_dictionary"))
+        token_path = Path(params.dictionaries.token_dictionary)
+        median_path = Path(params.dictionaries.gene_median_dictionary)
         dictionaries = load_dictionaries(token_path, median_path)
         if special_tokens and not dictionaries.has_special_tokens:
             msg = (
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
             "genes": len(dictionaries.gene_ids),
         }
     )
-    io.write_json(report, Path(get(params, "paths.reports")) / "dictionaries.json")
+    io.write_json(report, Path(params.paths.reports) / "dictionaries.json")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import pandas as pd
 from rosmap_geneformer import counts, io
 from rosmap_geneformer.analysis import baselines, embedding_report, embeddings
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.params import stage_arguments
 
 logger = logging.getLogger("stage.embed")
 OBS_COLUMNS = ("patient_id", "cell_type", "ad_status")
@@ -29,19 +29,19 @@ OBS_COLUMNS = ("patient_id", "cell_type", "ad_status")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
-    seed = int(get(params, "seed"))
-    settings = get(params, "embed")
-    emb_layer = int(settings["emb_layer"])
+    seed = int(params.seed)
+    settings = params.embed
+    emb_layer = int(settings.emb_layer)
 
-    models = {"base": Path(get(params, "paths.base_model"))}
-    for task in get(params, "tasks"):
-        models[f"finetuned_{task}"] = Path(get(params, "paths.finetuned")) / task
+    models = {"base": Path(params.paths.base_model)}
+    for task in params.tasks:
+        models[f"finetuned_{task}"] = Path(params.paths.finetuned) / task
     missing = [str(path) for path in models.values() if not path.is_dir()]
     if missing:
         msg = f"embed: model folder(s) {missing} not found; run base_model and train first."
         raise FileNotFoundError(msg)
 
-    test_path = Path(get(params, "paths.tokenized")) / "test.dataset"
+    test_path = Path(params.paths.tokenized) / "test.dataset"
     test = io.read_dataset(test_path)
     absent = [c for c in ("cell_id", *OBS_COLUMNS) if c not in test.column_names]
     if absent:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{test_path}: lacks column(s) {absent}; rerun tokenize with them in tokenize.columns."
         )
         raise ValueError(msg)
-    rows = embedding_report.subsample(len(test), settings.get("max_cells"), seed=seed)
+    rows = embedding_report.subsample(len(test), settings.max_cells, seed=seed)
     if len(rows) < len(test):
         logger.info("embedding a seeded subsample of %d of %d test cells", len(rows), len(test))
         test = test.select(rows.tolist())
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     vectors: dict[str, np.ndarray] = {}
     layers: dict[str, int] = {}
     runtime: dict[str, float] = {}
-    special = bool(get(params, "tokenize.special_tokens"))
+    special = bool(params.tokenize.special_tokens)
     for name, path in models.items():
         start = time.perf_counter()
         encoder, config = embeddings.load_encoder(path)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             path,
             test,
             emb_layer=emb_layer,
-            batch_size=int(settings["batch_size"]),
+            batch_size=int(settings.batch_size),
             special_tokens=special,
             encoder=encoder,
         )
@@ -82,22 +82,22 @@ def main(argv: list[str] | None = None) -> None:
             runtime[name],
         )
 
-    reference = settings.get("hvg_pca")
+    reference = settings.hvg_pca
     if reference:
-        table_path = Path(get(params, "paths.sampled")) / "test.parquet"
+        table_path = Path(params.paths.sampled) / "test.parquet"
         table = counts.read_cells(table_path, what="sampled test cell table")
         positions = baselines.cell_positions(table.index, test["cell_id"], source=table_path)
         # Only the embedded cells' rows (embed.max_cells) are read from the matrix.
         reader = counts.SelectedRows(
-            get(params, "paths.ensembl"), table[counts.MATRIX_ROW].to_numpy()[positions]
+            params.paths.ensembl, table[counts.MATRIX_ROW].to_numpy()[positions]
         )
         matrix = reader.read(0, reader.n_obs)
         reader.close()
         io.check_raw_values(matrix, source=reader.path)
         vectors["hvg_pca"] = embedding_report.hvg_pca_embedding(
             matrix,
-            n_top_genes=int(reference["n_top_genes"]),
-            n_components=int(reference["n_components"]),
+            n_top_genes=int(reference.n_top_genes),
+            n_components=int(reference.n_components),
             seed=seed,
         )
         del matrix
@@ -106,9 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     scores, figures = embedding_report.embedding_report(
         adata,
         models=list(vectors),
-        n_neighbors=int(settings["n_neighbors"]),
-        metric=str(settings["metric"]),
-        silhouette_max_cells=settings.get("silhouette_max_cells"),
+        n_neighbors=int(settings.n_neighbors),
+        metric=str(settings.metric),
+        silhouette_max_cells=settings.silhouette_max_cells,
         seed=seed,
     )
     logger.info("UMAPs and silhouettes in %.1f s", time.perf_counter() - start)
@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     if reference:
         adata.uns["embed"]["hvg_pca"] = dict(reference)
-    io.write_h5ad(adata, Path(get(params, "paths.embeddings")) / "test.h5ad")
-    out_dir = Path(get(params, "paths.reports")) / "embed"
+    io.write_h5ad(adata, Path(params.paths.embeddings) / "test.h5ad")
+    out_dir = Path(params.paths.reports) / "embed"
     io.write_json(scores, out_dir / "metrics.json")
     for name, figure in figures.items():
         io.save_figure(figure, out_dir / f"umap_{name}.png")

@@ -7,10 +7,11 @@ import logging
 from pathlib import Path
 
 from rosmap_geneformer import io
-from rosmap_geneformer.analysis import evaluation
+from rosmap_geneformer.analysis.evaluation.evaluate import evaluate_predictions, write_evaluation
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.params import stage_arguments
 from rosmap_geneformer.training import finetune
+from rosmap_geneformer.training.tasks import TaskSpec, encode_labels, select_cells
 
 logger = logging.getLogger("stage.evaluate")
 
@@ -18,41 +19,37 @@ logger = logging.getLogger("stage.evaluate")
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
-    task = finetune.TaskSpec.from_params(args.task, get(params, f"tasks.{args.task}"))
-    model_dir = Path(get(params, "paths.finetuned")) / args.task
+    task = TaskSpec.from_params(args.task, params.tasks[args.task].values())
+    model_dir = Path(params.paths.finetuned) / args.task
     mapping = finetune.load_label_mapping(model_dir)
     classes = mapping["classes"]
 
-    test_path = Path(get(params, "paths.tokenized")) / "test.dataset"
-    test, other_types = finetune.select_cells(
-        io.read_dataset(test_path), task, source=str(test_path)
-    )
+    test_path = Path(params.paths.tokenized) / "test.dataset"
+    test, other_types = select_cells(io.read_dataset(test_path), task, source=str(test_path))
     n_selected = len(test)
-    test = finetune.encode_labels(test, task, classes)
-    probabilities = finetune.predict(
-        model_dir, test, batch_size=int(get(params, "train.eval_batch_size"))
-    )
-    result = evaluation.evaluate_predictions(
+    test = encode_labels(test, task, classes)
+    probabilities = finetune.predict(model_dir, test, batch_size=int(params.train.eval_batch_size))
+    result = evaluate_predictions(
         test["cell_id"],
         test["patient_id"],
         test["label"],
         probabilities,
         classes=classes,
         task_kind="disease" if task.patient_level else "cell_type",
-        n_boot=int(get(params, "evaluate.n_boot")),
-        seed=int(get(params, "seed")),
+        n_boot=int(params.evaluate.n_boot),
+        seed=int(params.seed),
     )
-    out_dir = Path(get(params, "paths.reports")) / "eval" / args.task
+    out_dir = Path(params.paths.reports) / "eval" / args.task
     result.details["test_cells"] = {
         "other_cell_types": other_types,
         "unseen_class": n_selected - len(test),
         "evaluated": len(test),
     }
-    evaluation.write_evaluation(
+    write_evaluation(
         result,
         out_dir,
-        live_dir=Path(get(params, "paths.dvclive")) / "eval" / args.task,
-        predictions_path=Path(get(params, "paths.predictions")) / f"{args.task}.tsv",
+        live_dir=Path(params.paths.dvclive) / "eval" / args.task,
+        predictions_path=Path(params.paths.predictions) / f"{args.task}.tsv",
     )
     logger.info("%s: %s", args.task, result.metrics)
 

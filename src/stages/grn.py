@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 
 from rosmap_geneformer import counts, io
-from rosmap_geneformer.analysis import embeddings, grn, perturbation
+from rosmap_geneformer.analysis import embeddings
+from rosmap_geneformer.analysis.grn import network
+from rosmap_geneformer.analysis.grn.stage import GRNSettings, grn_dataset, metrics_summary
+from rosmap_geneformer.analysis.perturbation.screen import token_annotation
 from rosmap_geneformer.geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.params import stage_arguments
 
 logger = logging.getLogger("stage.grn")
 
@@ -23,29 +26,26 @@ logger = logging.getLogger("stage.grn")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
-    settings = grn.GRNSettings.from_params(get(params, "grn"))
-    seed = int(get(params, "seed"))
+    settings = GRNSettings.from_params(params.grn.values())
+    seed = int(params.seed)
     torch.manual_seed(seed)
 
-    if settings.model == "base":
-        model_dir = Path(get(params, "paths.base_model"))
-    else:
-        model_dir = Path(get(params, "paths.finetuned")) / settings.model
-    dataset = io.read_dataset(Path(get(params, "paths.tokenized")) / f"{settings.split}.dataset")
-    with (Path(get(params, "paths.dictionaries")) / TOKEN_DICTIONARY_FILE).open("rb") as fh:
+    model_dir = Path(settings.model)
+    dataset = io.read_dataset(Path(params.paths.tokenized) / f"{settings.split}.dataset")
+    with (Path(params.paths.dictionaries) / TOKEN_DICTIONARY_FILE).open("rb") as fh:
         token_dictionary = pickle.load(fh)
-    matrix = Path(get(params, "paths.ensembl"))
+    matrix = Path(params.paths.ensembl)
     cells = counts.read_cells(
-        Path(get(params, "paths.sampled")) / f"{settings.split}.parquet", what="sampled cell table"
+        Path(params.paths.sampled) / f"{settings.split}.parquet", what="sampled cell table"
     )
     var = counts.read_var(matrix)
-    annotation = perturbation.token_annotation(
+    annotation = token_annotation(
         token_dictionary, dict(zip(var["ensembl_id"], var["gene_symbol"], strict=True))
     )
     special_tokens = embeddings.detect_special_tokens(dataset, token_dictionary=token_dictionary)
 
     encoder, _ = embeddings.load_encoder(model_dir)
-    edges, summary, scoring = grn.grn_dataset(
+    edges, summary, scoring = grn_dataset(
         encoder,
         dataset,
         settings=settings,
@@ -59,24 +59,24 @@ def main(argv: list[str] | None = None) -> None:
     summary["model"] = str(model_dir)
 
     # The network (large on real data) is a cached DVC output; the small reports go to git.
-    network_dir = Path(get(params, "paths.grn"))
-    out_dir = Path(get(params, "paths.reports")) / "grn"
+    network_dir = Path(params.paths.grn)
+    out_dir = Path(params.paths.reports) / "grn"
     io.write_tsv(edges.drop(columns=["regulator", "target"]), network_dir / "edges.tsv")
-    grn.write_graphml(
-        grn.network_graph(grn.top_edges(edges, settings.graph_top_edges)),
+    network.write_graphml(
+        network.network_graph(network.top_edges(edges, settings.graph_top_edges)),
         network_dir / "network.graphml",
     )
-    fig = grn.plot_network(
-        grn.top_edges(edges, settings.plot_top_edges),
+    fig = network.plot_network(
+        network.top_edges(edges, settings.plot_top_edges),
         seed=seed,
         title=f"top {settings.plot_top_edges} targets per regulator (deletion, {model_dir})",
     )
     io.save_figure(fig, out_dir / "network.png")
     if scoring is not None:
-        fig = grn.plot_pr_curves(scoring, title=f"edges vs {Path(str(settings.truth)).name}")
+        fig = network.plot_pr_curves(scoring, title=f"edges vs {Path(str(settings.truth)).name}")
         io.save_figure(fig, out_dir / "pr_curve.png")
     io.write_json(summary, out_dir / "summary.json")
-    io.write_json(grn.metrics_summary(summary), out_dir / "metrics.json")
+    io.write_json(metrics_summary(summary), out_dir / "metrics.json")
 
 
 if __name__ == "__main__":

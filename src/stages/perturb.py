@@ -11,10 +11,16 @@ from pathlib import Path
 import torch
 
 from rosmap_geneformer import counts, io
-from rosmap_geneformer.analysis import embeddings, perturbation
+from rosmap_geneformer.analysis import embeddings
+from rosmap_geneformer.analysis.perturbation.screen import (
+    PerturbSettings,
+    perturb_dataset,
+    plot_top_genes,
+    token_annotation,
+)
 from rosmap_geneformer.geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.params import stage_arguments
 
 logger = logging.getLogger("stage.perturb")
 
@@ -22,22 +28,22 @@ logger = logging.getLogger("stage.perturb")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
-    settings = perturbation.PerturbSettings.from_params(get(params, "perturb"))
-    seed = int(get(params, "seed"))
+    settings = PerturbSettings.from_params(params.perturb.values())
+    seed = int(params.seed)
     torch.manual_seed(seed)
 
-    model_dir = Path(get(params, "paths.finetuned")) / settings.task
-    dataset = io.read_dataset(Path(get(params, "paths.tokenized")) / f"{settings.split}.dataset")
-    with (Path(get(params, "paths.dictionaries")) / TOKEN_DICTIONARY_FILE).open("rb") as fh:
+    model_dir = Path(params.paths.finetuned) / settings.task
+    dataset = io.read_dataset(Path(params.paths.tokenized) / f"{settings.split}.dataset")
+    with (Path(params.paths.dictionaries) / TOKEN_DICTIONARY_FILE).open("rb") as fh:
         token_dictionary = pickle.load(fh)
-    var = counts.read_var(get(params, "paths.ensembl"))
-    annotation = perturbation.token_annotation(
+    var = counts.read_var(params.paths.ensembl)
+    annotation = token_annotation(
         token_dictionary, dict(zip(var["ensembl_id"], var["gene_symbol"], strict=True))
     )
     special_tokens = embeddings.detect_special_tokens(dataset, token_dictionary=token_dictionary)
 
     encoder, _ = embeddings.load_encoder(model_dir)
-    tables, summary = perturbation.perturb_dataset(
+    tables, summary = perturb_dataset(
         encoder,
         dataset,
         settings=settings,
@@ -49,11 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     summary["model"] = str(model_dir)
     summary["special_tokens"] = special_tokens
 
-    out_dir = Path(get(params, "paths.reports")) / "perturb"
+    out_dir = Path(params.paths.reports) / "perturb"
     where = f"{settings.start_state} {settings.cell_type or 'all'} cells ({settings.task} model)"
     for perturb_type, table in tables.items():
         io.write_tsv(table, out_dir / f"{perturb_type}.tsv")
-        fig = perturbation.plot_top_genes(
+        fig = plot_top_genes(
             table,
             top_n=settings.top_n,
             goal_state=settings.goal_state,

@@ -8,7 +8,7 @@ from pathlib import Path
 from rosmap_geneformer import io
 from rosmap_geneformer.analysis.report import ReportBuilder
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.params import stage_arguments
 
 logger = logging.getLogger("stage.report")
 
@@ -16,9 +16,9 @@ logger = logging.getLogger("stage.report")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
-    builder = ReportBuilder(paths=get(params, "paths"), tasks=sorted(get(params, "tasks")))
+    builder = ReportBuilder(paths=params.paths.model_dump(), tasks=sorted(params.tasks))
     page = builder.build()
-    out = Path(get(params, "paths.reports")) / "index.html"
+    out = Path(params.paths.reports) / "index.html"
     with io.atomic_output(out) as tmp:
         tmp.write_text(page)
     logger.info("wrote %s (%d files read)", out, len(builder.files_read))

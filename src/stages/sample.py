@@ -13,15 +13,15 @@ from rosmap_geneformer import counts, io
 from rosmap_geneformer.data.metadata import count_values
 from rosmap_geneformer.data.sampling import split_rng, undersample
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import SPLITS, get, stage_arguments
+from rosmap_geneformer.params import SPLITS, stage_arguments
 
 
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
-    in_dir = Path(get(params, "paths.annotated"))
-    out_dir = Path(get(params, "paths.sampled"))
-    sampled_splits = set(get(params, "sample.splits"))
+    in_dir = Path(params.paths.annotated)
+    out_dir = Path(params.paths.sampled)
+    sampled_splits = set(params.sample.splits)
     unknown = sampled_splits - set(SPLITS)
     if unknown:
         msg = f"params.yaml: sample.splits names {sorted(unknown)}; use some of {list(SPLITS)}."
@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> None:
             if split in sampled_splits:
                 kept = undersample(
                     cells,
-                    max_per_patient_class=get(params, "sample.max_cells_per_patient_cell_type"),
-                    max_per_class=get(params, "sample.max_cells_per_class"),
-                    rng=split_rng(int(get(params, "seed")), split),
+                    max_per_patient_class=params.sample.max_cells_per_patient_cell_type,
+                    max_per_class=params.sample.max_cells_per_class,
+                    rng=split_rng(int(params.seed), split),
                 )
                 sampled = cells.iloc[kept].copy()
             else:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
                 if "ad_status" in sampled
                 else {},
             }
-    io.write_json(report, Path(get(params, "paths.reports")) / "sample.json")
+    io.write_json(report, Path(params.paths.reports) / "sample.json")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from rosmap_geneformer import counts, io
 from rosmap_geneformer.data import metadata
 from rosmap_geneformer.data.split import split_patients
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import SPLITS, get, raw_paths, stage_arguments
+from rosmap_geneformer.params import SPLITS, raw_paths, stage_arguments
 
 logger = logging.getLogger("stage.split")
 
@@ -23,10 +23,10 @@ logger = logging.getLogger("stage.split")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
-    columns = get(params, "data.columns")
+    columns = params.data.columns.model_dump()
     raw = raw_paths(params)
-    counts_path = Path(get(params, "paths.ensembl"))
-    out_dir = Path(get(params, "paths.split"))
+    counts_path = Path(params.paths.ensembl)
+    out_dir = Path(params.paths.split)
 
     obs = counts.read_obs(counts_path)
     library_to_donor = metadata.load_batch_mapping(
@@ -44,17 +44,17 @@ def main(argv: list[str] | None = None) -> None:
     donors = donors.loc[sorted(patients.unique())]
     labels = metadata.ad_status(
         donors,
-        definition=get(params, "labels.ad_definition"),
+        definition=params.labels.ad_definition,
         columns=columns,
         source=raw["individual_metadata"],
     )
     result = split_patients(
         donors,
         labels=labels,
-        fractions=get(params, "split.fractions"),
-        balance=get(params, "split.balance") or (),
-        max_trials=int(get(params, "split.max_trials")),
-        seed=int(get(params, "seed")),
+        fractions=params.split.fractions,
+        balance=params.split.balance or (),
+        max_trials=int(params.split.max_trials),
+        seed=int(params.seed),
     )
 
     cell_split = patients.map(result.split_of()).to_numpy()
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                 "patients": result.patients[split],
             }
             logger.info("%s: %d patients, %d cells", split, report[split]["n_patients"], mask.sum())
-    io.write_json(report, Path(get(params, "paths.reports")) / "split.json")
+    io.write_json(report, Path(params.paths.reports) / "split.json")
 
 
 if __name__ == "__main__":

@@ -18,32 +18,32 @@ from rosmap_geneformer.geneformer.dictionaries import (
 )
 from rosmap_geneformer.geneformer.tokenizer import default_nproc, tokenize_cells
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.params import stage_arguments
 
 
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_split=True)
     setup_logging()
-    dictionary_dir = Path(get(params, "paths.dictionaries"))
+    dictionary_dir = Path(params.paths.dictionaries)
     dictionaries = load_dictionaries(
         dictionary_dir / TOKEN_DICTIONARY_FILE, dictionary_dir / GENE_MEDIAN_DICTIONARY_FILE
     )
-    nproc = get(params, "tokenize.nproc")
-    table = Path(get(params, "paths.sampled")) / f"{args.split}.parquet"
+    nproc = params.tokenize.nproc
+    table = Path(params.paths.sampled) / f"{args.split}.parquet"
     report = tokenize_cells(
         counts.read_cells(table, what="sampled cell table"),
-        get(params, "paths.ensembl"),
-        Path(get(params, "paths.tokenized")) / f"{args.split}.dataset",
+        params.paths.ensembl,
+        Path(params.paths.tokenized) / f"{args.split}.dataset",
         dictionaries=dictionaries,
-        model_input_size=int(get(params, "tokenize.model_input_size")),
-        special_tokens=bool(get(params, "tokenize.special_tokens")),
-        columns=list(get(params, "tokenize.columns")),
-        chunk_size=int(get(params, "tokenize.chunk_size")),
+        model_input_size=int(params.tokenize.model_input_size),
+        special_tokens=bool(params.tokenize.special_tokens),
+        columns=list(params.tokenize.columns),
+        chunk_size=int(params.tokenize.chunk_size),
         nproc=default_nproc() if nproc == "auto" else int(nproc),
     )
     report["split"] = args.split
     report["dictionary_layout"] = dictionaries.layout
-    io.write_json(report, Path(get(params, "paths.reports")) / "tokenize" / f"{args.split}.json")
+    io.write_json(report, Path(params.paths.reports) / "tokenize" / f"{args.split}.json")
 
 
 if __name__ == "__main__":

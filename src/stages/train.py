@@ -11,24 +11,25 @@ from pathlib import Path
 
 from rosmap_geneformer import io
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import get, stage_arguments
+from rosmap_geneformer.params import stage_arguments
 from rosmap_geneformer.training import finetune
+from rosmap_geneformer.training.tasks import TaskSpec
 
 
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
-    tasks = get(params, "tasks")
-    task = finetune.TaskSpec.from_params(args.task, tasks[args.task])
-    hyper = finetune.Hyperparameters.from_params(get(params, "train"))
-    seed = int(get(params, "seed"))
+    task_params = params.tasks[args.task].values()
+    task = TaskSpec.from_params(args.task, task_params)
+    hyper = finetune.Hyperparameters.from_params(params.train.values())
+    seed = int(params.seed)
 
-    tokenized = Path(get(params, "paths.tokenized"))
-    base_model = Path(get(params, "paths.base_model"))
+    tokenized = Path(params.paths.tokenized)
+    base_model = Path(params.paths.base_model)
     train_path, val_path = tokenized / "train.dataset", tokenized / "val.dataset"
     run = {
-        "task": tasks[args.task],
-        "train": get(params, "train"),
+        "task": task_params,
+        "train": params.train.values(),
         "seed": seed,
         "data": {p.name: finetune.directory_digest(p) for p in (train_path, val_path)},
         "base_model": finetune.directory_digest(base_model),
@@ -38,9 +39,9 @@ def main(argv: list[str] | None = None) -> None:
         train=io.read_dataset(train_path),
         val=io.read_dataset(val_path),
         base_model=base_model,
-        output_dir=Path(get(params, "paths.finetuned")) / args.task,
-        checkpoint_dir=Path(get(params, "paths.checkpoints")) / args.task,
-        live_dir=Path(get(params, "paths.dvclive")) / "train" / args.task,
+        output_dir=Path(params.paths.finetuned) / args.task,
+        checkpoint_dir=Path(params.paths.checkpoints) / args.task,
+        live_dir=Path(params.paths.dvclive) / "train" / args.task,
         hyper=hyper,
         seed=seed,
         run_fingerprint=finetune.fingerprint(run),

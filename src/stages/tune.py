@@ -30,8 +30,10 @@ import transformers
 
 from rosmap_geneformer import io
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import DEFAULT_PARAMS, get, load_params
-from rosmap_geneformer.training import finetune, tuning
+from rosmap_geneformer.params import DEFAULT_PARAMS, read_params
+from rosmap_geneformer.training import finetune, trainer
+from rosmap_geneformer.training import tasks as training_tasks
+from rosmap_geneformer.training.tuning import outputs, search, space
 
 logger = logging.getLogger("tune")
 
@@ -56,42 +58,42 @@ def main(argv: list[str] | None = None) -> None:
         help="print `-S train.<key>=<value>` arguments from best_params.yaml and exit",
     )
     args = parser.parse_args(argv)
-    params = load_params(args.params)
-    out_dir = Path(get(params, "paths.reports")) / "tune"
+    params = read_params(args.params)
+    out_dir = Path(params.paths.reports) / "tune"
     if args.set_args:
-        best = tuning.load_best_params(out_dir / tuning.BEST_PARAMS_FILE)
-        sys.stdout.write(" ".join(tuning.set_args(best)) + "\n")
+        best = outputs.load_best_params(out_dir / outputs.BEST_PARAMS_FILE)
+        sys.stdout.write(" ".join(outputs.set_args(best)) + "\n")
         return
     setup_logging()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    tune = dict(get(params, "tune"))
+    tune = params.section("tune").values()
     task_name = args.task or tune.get("task")
-    tasks = get(params, "tasks")
+    tasks = {name: task.values() for name, task in params.section("tasks").items()}
     if task_name not in tasks:
         msg = f"params.yaml: no task {task_name!r} under tasks; known: {sorted(tasks)}."
         raise ValueError(msg)
     tune["task"] = task_name
-    task = finetune.TaskSpec.from_params(task_name, tasks[task_name])
-    base_model = Path(get(params, "paths.base_model"))
+    task = training_tasks.TaskSpec.from_params(task_name, tasks[task_name])
+    base_model = Path(params.paths.base_model)
     config = base_model / "config.json"
     if not config.is_file():
         msg = f"{config}: no base model; run the base_model stage (`dvc repro base_model`)."
         raise FileNotFoundError(msg)
-    fixed = tuning.fixed_hyperparameters(get(params, "train"))
+    fixed = space.fixed_hyperparameters(params.section("train").values())
     # Every search-space error surfaces here, before any data is read or model trained.
-    settings = tuning.TuneSettings.from_params(
+    settings = space.TuneSettings.from_params(
         tune, fixed=fixed, n_layers=int(json.loads(config.read_text())["num_hidden_layers"])
     )
-    seed = int(get(params, "seed"))
+    seed = int(params.seed)
 
     # Only train and val: the test split is never read by the search.
-    tokenized = Path(get(params, "paths.tokenized"))
+    tokenized = Path(params.paths.tokenized)
     train_path, val_path = tokenized / "train.dataset", tokenized / "val.dataset"
     train, val = io.read_dataset(train_path), io.read_dataset(val_path)
-    tuning.check_patients_disjoint(train, val)
-    prepared = finetune.prepare_task(train, val, task)
-    metric = finetune.check_task_metric(prepared, task)
+    search.check_patients_disjoint(train, val)
+    prepared = training_tasks.prepare_task(train, val, task)
+    metric = training_tasks.check_task_metric(prepared, task)
 
     study_inputs = {
         "task": tasks[task_name],
@@ -101,19 +103,20 @@ def main(argv: list[str] | None = None) -> None:
         "data": {p.name: finetune.directory_digest(p) for p in (train_path, val_path)},
         "base_model": finetune.directory_digest(base_model),
         "code": {
-            Path(m.__file__).name: finetune.directory_digest(m.__file__) for m in (finetune, tuning)
+            Path(m.__file__).name: finetune.directory_digest(m.__file__)
+            for m in (training_tasks, finetune, trainer, space, search)
         },
         "versions": [optuna.__version__, transformers.__version__, torch.__version__],
     }
     fingerprint = finetune.fingerprint(study_inputs)
-    name = settings.study_name or tuning.default_study_name(task_name, fingerprint)
-    checkpoints = Path(get(params, "paths.checkpoints"))
-    location = tuning.resolve_storage(settings.storage, checkpoints=checkpoints)
+    name = settings.study_name or search.default_study_name(task_name, fingerprint)
+    checkpoints = Path(params.paths.checkpoints)
+    location = search.resolve_storage(settings.storage, checkpoints=checkpoints)
     if args.worker:
-        tuning.check_shared_storage(location)
-    storage = tuning.open_storage(location)
+        search.check_shared_storage(location)
+    storage = search.open_storage(location)
     work_dir = checkpoints / "tune" / f"work-{os.getpid()}"
-    objective = tuning.Objective(
+    objective = search.Objective(
         task=task,
         prepared=prepared,
         base_model=base_model,
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if args.worker:
             logger.info("worker joining study %s in %s", name, shown)
-            tuning.join_study(
+            search.join_study(
                 storage,
                 name=name,
                 fingerprint=fingerprint,
@@ -136,26 +139,26 @@ def main(argv: list[str] | None = None) -> None:
             study = optuna.load_study(
                 study_name=name,
                 storage=storage,
-                sampler=tuning.make_sampler(settings, seed=None),
-                pruner=tuning.make_pruner(settings),
+                sampler=search.make_sampler(settings, seed=None),
+                pruner=search.make_pruner(settings),
             )
-            ran = tuning.run_trials(storage, study, objective)
+            ran = search.run_trials(storage, study, objective)
             logger.info("worker ran %d trial(s) of study %s", ran, name)
             return
         logger.info("study %s in %s: %d trials", name, shown, settings.n_trials)
-        study = tuning.create_study(
+        study = search.create_study(
             storage,
             name=name,
             settings=settings,
             seed=seed,
             attrs={"fingerprint": fingerprint, "task": task_name, "metric": metric},
         )
-        ran = tuning.run_trials(storage, study, objective)
+        ran = search.run_trials(storage, study, objective)
         logger.info("ran %d trial(s)", ran)
-        tuning.wait_for_running(storage, study, timeout_s=args.wait_timeout)
-        tuning.write_outputs(study, out_dir, task=task_name, metric=metric, seed=seed)
+        search.wait_for_running(storage, study, timeout_s=args.wait_timeout)
+        outputs.write_outputs(study, out_dir, task=task_name, metric=metric, seed=seed)
     finally:
-        tuning.remove_work_dir(work_dir)
+        search.remove_work_dir(work_dir)
 
 
 if __name__ == "__main__":

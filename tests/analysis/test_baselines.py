@@ -17,7 +17,7 @@ from scipy import sparse
 from builders import write_sampled_splits
 from rosmap_geneformer import counts
 from rosmap_geneformer.analysis import baselines
-from rosmap_geneformer.training import finetune
+from rosmap_geneformer.training.tasks import TaskSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / "src" / "stages" / "baseline.py"
@@ -184,7 +184,7 @@ def test_stage_beats_chance_and_reproduces(workdir: Path, tmp_path: Path) -> Non
 
 
 def test_same_cells_and_classes_as_the_model(workdir: Path) -> None:
-    task = finetune.TaskSpec.from_params("disease", TASKS["disease"])
+    task = TaskSpec.from_params("disease", TASKS["disease"])
     result = baselines.run_baseline(
         task,
         splits(workdir),
@@ -217,7 +217,7 @@ def test_same_cells_and_classes_as_the_model(workdir: Path) -> None:
 
 
 def test_without_pca(workdir: Path) -> None:
-    task = finetune.TaskSpec.from_params("cell_type", TASKS["cell_type"])
+    task = TaskSpec.from_params("cell_type", TASKS["cell_type"])
     hyper = baselines.BaselineParams.from_params({**BASELINE, "n_components": None, "C": 0.1})
     result = baselines.run_baseline(task, splits(workdir), hyper=hyper, seed=0, n_boot=20)
     assert result.details["baseline"]["features"] == {"n_genes": 40, "pca_components": None}
@@ -234,7 +234,7 @@ def test_missing_tokenized_cell_is_an_error(workdir: Path, tmp_path: Path) -> No
         matrix=workdir / "ensembl.h5ad",
         tokenized=workdir / "tok/test.dataset",
     )
-    task = finetune.TaskSpec.from_params("cell_type", TASKS["cell_type"])
+    task = TaskSpec.from_params("cell_type", TASKS["cell_type"])
     with pytest.raises(ValueError, match=r"test\.parquet: 4 cell\(s\) of the tokenized dataset"):
         baselines.run_baseline(
             task, inputs, hyper=baselines.BaselineParams.from_params(BASELINE), seed=0, n_boot=5
@@ -244,7 +244,7 @@ def test_missing_tokenized_cell_is_an_error(workdir: Path, tmp_path: Path) -> No
 def test_test_split_read_in_small_blocks_gives_the_same_predictions(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    task = finetune.TaskSpec.from_params("cell_type", TASKS["cell_type"])
+    task = TaskSpec.from_params("cell_type", TASKS["cell_type"])
     hyper = baselines.BaselineParams.from_params(BASELINE)
     whole = baselines.run_baseline(task, splits(workdir), hyper=hyper, seed=0, n_boot=5)
     monkeypatch.setattr(baselines, "_BLOCK_ROWS", 7)
@@ -301,7 +301,7 @@ def test_prediction_in_blocks_is_the_same(monkeypatch: pytest.MonkeyPatch) -> No
     adata, _ = make_split("train", cells_per_patient=12, seed=3)
     log = baselines.log_normalize(adata.X)
     labels = pd.Categorical(adata.obs["cell_type"], categories=CELL_TYPES).codes.astype(np.int64)
-    task = finetune.TaskSpec.from_params("cell_type", TASKS["cell_type"])
+    task = TaskSpec.from_params("cell_type", TASKS["cell_type"])
     fitted = baselines.fit_baseline(
         log,
         labels,

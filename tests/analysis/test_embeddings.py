@@ -9,7 +9,7 @@ import torch
 from transformers import BertForMaskedLM, BertForSequenceClassification
 
 from rosmap_geneformer.analysis import embeddings
-from rosmap_geneformer.geneformer.modeling import geneformer_bert_config
+from rosmap_geneformer.geneformer.model import geneformer_bert_config
 
 VOCAB = 60
 

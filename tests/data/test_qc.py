@@ -16,6 +16,8 @@ from scipy import sparse
 
 from rosmap_geneformer import counts
 from rosmap_geneformer.data import qc
+from rosmap_geneformer.data.doublets import scrublet_parts
+from rosmap_geneformer.data.qc_report import write_reports
 
 STAGES = Path(__file__).resolve().parents[2] / "src" / "stages"
 N_MT = 5
@@ -272,8 +274,8 @@ def test_cell_table_is_byte_deterministic_and_independent_of_workers(data: dict)
     again = qc.run_qc(
         table, data["path"], batch_key="batch", settings=SETTINGS, split="train", workers=2
     )
-    qc.write_reports(result, report=root / "a.json", plots=root / "a", cells=root / "a.parquet")
-    qc.write_reports(again, report=root / "b.json", plots=root / "b", cells=root / "b.parquet")
+    write_reports(result, report=root / "a.json", plots=root / "a", cells=root / "a.parquet")
+    write_reports(again, report=root / "b.json", plots=root / "b", cells=root / "b.parquet")
     assert (root / "a.parquet").read_bytes() == (root / "b.parquet").read_bytes()
     assert (root / "a.json").read_bytes() == (root / "b.json").read_bytes()
     assert again.report == result.report
@@ -321,33 +323,13 @@ def test_small_libraries_skip_scrublet_and_missing_mito_is_reported(tmp_path: Pa
     out = kept_cells(result)
     assert out["doublet_score"].isna().all() and not out["predicted_doublet"].any()
     assert (out["pct_counts_mt"] == 0).all()
-    qc.write_reports(
+    write_reports(
         result, report=tmp_path / "r.json", plots=tmp_path / "plots", cells=tmp_path / "c.parquet"
     )
     written = json.loads((tmp_path / "r.json").read_text())
     assert [row["doublet_threshold"] for row in written["per_library"]] == [None, None]
     cells = counts.read_cells(tmp_path / "c.parquet")
     assert len(cells) == report["cells_in"] and cells["kept"].sum() == report["cells_out"]
-
-
-def test_threshold_rules() -> None:
-    rng = np.random.default_rng(0)
-    bimodal = np.concatenate([rng.normal(0.05, 0.01, 2000), rng.normal(0.4, 0.05, 1000)])
-    thr = qc.threshold_minimum(bimodal)
-    assert 0.08 < thr < 0.3
-    assert 0.08 < qc.threshold_otsu(bimodal) < 0.3
-    assert qc.threshold_minimum(np.full(10, 0.2)) is None
-    obs = rng.normal(0.05, 0.01, 1000)
-    assert qc.choose_doublet_threshold(bimodal, obs, max_fraction=0.09) == (thr, "minimum")
-    # A threshold inside the singlet mode would call half the cells: the cap raises it.
-    low_obs = rng.uniform(0, 1, 1000)
-    capped, rule = qc.choose_doublet_threshold(bimodal, low_obs, max_fraction=0.09)
-    assert rule == "minimum+capped" and (low_obs > capped).mean() <= 0.09
-    assert qc.choose_doublet_threshold(bimodal, obs, max_fraction=0.09, threshold=0.3) == (
-        0.3,
-        "fixed",
-    )
-    assert qc.choose_doublet_threshold(np.full(5, 0.1), obs, max_fraction=0.09) == (1.0, "none")
 
 
 def load_stage(name: str) -> ModuleType:
@@ -417,10 +399,10 @@ def test_large_libraries_are_scored_in_bounded_parts(tmp_path: Path) -> None:
     assert recall > 0.5, recall
     # The parts are seeded by seed and library only, and cover every passing cell once.
     passing = np.flatnonzero(~whole.cells[[f"fail_{n}" for n in qc.FILTERS]].any(axis=1))
-    split = qc.scrublet_parts(passing, 200, seed=0, library="L0")
+    split = scrublet_parts(passing, 200, seed=0, library="L0")
     assert sorted(np.concatenate(split).tolist()) == passing.tolist()
     assert all(len(p) <= 200 for p in split)
-    again = qc.scrublet_parts(passing, 200, seed=0, library="L0")
+    again = scrublet_parts(passing, 200, seed=0, library="L0")
     assert all(np.array_equal(a, b) for a, b in zip(split, again, strict=True))
     # A cap at or above the library size changes nothing.
     roomy = qc.QCSettings(
@@ -451,10 +433,10 @@ def test_qc_on_a_local_dask_cluster_equals_one_process(tmp_path: Path) -> None:
             scheduler=cluster.scheduler_address,
         )
     assert remote.report == local.report
-    qc.write_reports(
+    write_reports(
         local, report=tmp_path / "a.json", plots=tmp_path / "a", cells=tmp_path / "a.parquet"
     )
-    qc.write_reports(
+    write_reports(
         remote, report=tmp_path / "b.json", plots=tmp_path / "b", cells=tmp_path / "b.parquet"
     )
     assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()

@@ -14,7 +14,9 @@ import yaml
 from scipy import sparse
 
 from rosmap_geneformer import counts
-from rosmap_geneformer.data import genes, metadata
+from rosmap_geneformer.data import metadata
+from rosmap_geneformer.data.convert_genes import convert_genes_file
+from rosmap_geneformer.data.gene_map import make_gene_map, map_symbols
 from rosmap_geneformer.data.synthetic_scale import (
     CELL_TYPES,
     FILE_NAMES,
@@ -46,7 +48,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def gene_map() -> pd.DataFrame:
-    return genes.make_gene_map(source="bundled", release=93)
+    return make_gene_map(source="bundled", release=93)
 
 
 def test_features_are_10x_like_unique_symbols_with_mt_genes_last() -> None:
@@ -143,7 +145,7 @@ def test_convert_genes_maps_nearly_every_feature(
 ) -> None:
     out, _ = generated
     var_names = counts.read_var(out / FILE_NAMES["counts"]).index
-    mapping = genes.map_symbols(var_names, gene_map)
+    mapping = map_symbols(var_names, gene_map)
     mapped = mapping["ensembl_id"] != ""
     assert mapped.mean() > 0.999
     assert mapped[var_names.str.startswith("MT-")].all()
@@ -154,7 +156,7 @@ def test_convert_genes_maps_nearly_every_feature(
     generate_rosmap_shaped(
         small, n_cells=300, cells_per_library=100, genes_per_cell=300, n_features=1500, seed=1
     )
-    result = genes.convert_genes_file(
+    result = convert_genes_file(
         small / FILE_NAMES["counts"], tmp_path / "ensembl.h5ad", gene_map, chunk_size=128
     )
     assert result.report["fraction_genes_mapped"] > 0.99

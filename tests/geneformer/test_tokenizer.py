@@ -1,8 +1,9 @@
-"""Tests of rosmap_geneformer.geneformer.tokenizer and rosmap_geneformer.geneformer.dictionaries.
+"""Tests of rosmap_geneformer.geneformer.tokenizer (with the encoding, cells and dataset_writer
+modules it drives) and rosmap_geneformer.geneformer.dictionaries.
 
 The fast tokenizer is compared token for token with two independent oracles in
-``tests/tokenizer_reference.py`` on data built to have many exact ties (few distinct medians and
-counts) and many near-ties whose order depends on the floating-point path.
+``tests/geneformer/tokenizer_reference.py`` on data built to have many exact ties (few distinct
+medians and counts) and many near-ties whose order depends on the floating-point path.
 """
 
 from __future__ import annotations
@@ -342,12 +343,12 @@ def test_output_is_byte_deterministic_across_runs_and_nproc(
 def test_shards_roll_over_and_load(
     tmp_path: Path, vocabulary: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from rosmap_geneformer.geneformer import tokenizer
+    from rosmap_geneformer.geneformer import dataset_writer
 
     dicts = _dictionaries(vocabulary, layout="V1")
     adata = _adata(vocabulary=vocabulary, seed=4)
     tokenize_anndata(adata, tmp_path / "one.dataset", dictionaries=dicts, chunk_size=20)
-    monkeypatch.setattr(tokenizer, "MAX_SHARD_BYTES", 5_000)
+    monkeypatch.setattr(dataset_writer, "MAX_SHARD_BYTES", 5_000)
     tokenize_anndata(adata, tmp_path / "many.dataset", dictionaries=dicts, chunk_size=20)
     shards = sorted(p.name for p in (tmp_path / "many.dataset").glob("*.arrow"))
     assert len(shards) > 1

@@ -14,7 +14,7 @@ from dvc_repo import copy_repo, dvc, reproduced_template, stages_run, template_r
 
 from rosmap_geneformer import counts
 from rosmap_geneformer.analysis import truth
-from rosmap_geneformer.data import genes
+from rosmap_geneformer.data.gene_map import read_gene_map
 
 pytestmark = pytest.mark.pipeline
 
@@ -82,7 +82,7 @@ def test_qc_and_gene_mapping_recover_the_planted_truth(repo: Path) -> None:
     doublet_share = qc["doublets_injected"] / len(cells)
     assert qc["scrublet_precision"] > 3 * doublet_share, "doublet calls no better than chance"
     mapping = truth.mapping_against_truth(
-        tables["genes"], genes.read_gene_map(repo / "data/reference/gene_map.tsv")
+        tables["genes"], read_gene_map(repo / "data/reference/gene_map.tsv")
     )
     assert mapping["mappable_recovered_fraction"] >= 0.99
     assert mapping["unmappable_wrongly_mapped"] == 0
@@ -121,11 +121,12 @@ def test_qc_param_change_reruns_qc_and_downstream_only(repo: Path) -> None:
 
 
 def test_tune_perturb_and_grn_write_their_contracts(repo: Path) -> None:
-    from rosmap_geneformer.training import tuning
+    from rosmap_geneformer.training.tuning.outputs import load_best_params
+    from rosmap_geneformer.training.tuning.space import SEARCHABLE
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    best = tuning.load_best_params(repo / "reports/tune/best_params.yaml")
-    assert set(best["train"]) == set(tuning.SEARCHABLE)
+    best = load_best_params(repo / "reports/tune/best_params.yaml")
+    assert set(best["train"]) == set(SEARCHABLE)
     trials = pd.read_csv(repo / "reports/tune/trials.tsv", sep="\t")
     assert trials["number"].tolist() == list(range(params["tune"]["n_trials"]))
     assert trials.loc[0, "enqueued"] == 0, "the shipped defaults are trial 0"

@@ -4,7 +4,7 @@
 must give the same bytes: every out in dvc.lock keeps its hash (data and models, and also the
 metrics, plots, dvclive logs and reports), so git sees no change at all and `dvc metrics diff` is
 empty. Wall-clock timings are kept out of every output for this (see
-``modeling.is_wall_clock``). Both runs use torch's default number of CPU threads: model weights
+``training.trainer.is_wall_clock``). Both runs use torch's default number of CPU threads: model weights
 depend on it (1 and 2 threads give different bytes). A stage killed partway must leave nothing
 that DVC could cache.
 """

@@ -9,14 +9,14 @@ The comparison is like for like:
 - **Same cells.** Inputs are the sampled splits (raw counts) restricted to the ``cell_id``\\ s of
   the tokenized datasets, because the tokenizer drops cells with no vocabulary gene; then the
   task's cell-type selection and rare-class filter are applied by the same code as fine-tuning
-  (:func:`rosmap_geneformer.training.finetune.prepare_task`, ``select_cells``, ``encode_labels``), on the
+  (:func:`rosmap_geneformer.training.tasks.prepare_task`, ``select_cells``, ``encode_labels``), on the
   tokenized datasets' own label columns. Every drop is counted in the report.
 - **Same classes, same ids.** Sorted class names with the positive class (AD) last
-  (:meth:`~rosmap_geneformer.training.finetune.TaskSpec.order_classes`).
+  (:meth:`~rosmap_geneformer.training.tasks.TaskSpec.order_classes`).
 - **Same selection rule.** ``val`` picks the regularisation strength ``C`` from a small grid by the
   task's early-stopping metric (cell macro-F1, or patient AUROC for donor-level labels); ties go
   to the lower val log-loss. The model is fitted on ``train`` only; ``test`` is touched once.
-- **Same scoring.** :func:`rosmap_geneformer.analysis.evaluation.evaluate_predictions` with the same
+- **Same scoring.** :func:`rosmap_geneformer.analysis.evaluation.evaluate.evaluate_predictions` with the same
   bootstrap, so ``metrics.json`` has the keys of the ``evaluate`` stage.
 
 Features: counts per 10k (over the genes in the matrix, scanpy's ``normalize_total``), ``log1p``;
@@ -41,9 +41,9 @@ import pandas as pd
 from scipy import sparse
 
 from rosmap_geneformer import io
-from rosmap_geneformer.analysis import evaluation
+from rosmap_geneformer.analysis.evaluation import cell_level, evaluate
 from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_cells
-from rosmap_geneformer.training import finetune
+from rosmap_geneformer.training import tasks
 
 logger = logging.getLogger(__name__)
 
@@ -318,15 +318,15 @@ def make_classifier(hyper: BaselineParams, *, C: float, seed: int) -> Any:
 
 
 def selection_score(
-    task: finetune.TaskSpec, y_true: np.ndarray, probabilities: np.ndarray, patient_ids: Any
+    task: tasks.TaskSpec, y_true: np.ndarray, probabilities: np.ndarray, patient_ids: Any
 ) -> float:
     """The task's early-stopping metric on val: cell macro-F1 or patient AUROC (as fine-tuning)."""
     from sklearn.metrics import f1_score
 
     if task.early_stopping_metric == "patient_auroc":
-        return finetune.patient_auroc(list(patient_ids), y_true, probabilities[:, 1])
+        return tasks.patient_auroc(list(patient_ids), y_true, probabilities[:, 1])
     k = probabilities.shape[1]
-    predicted = evaluation.predict_ids(probabilities)
+    predicted = cell_level.predict_ids(probabilities)
     return float(
         f1_score(y_true, predicted, average="macro", labels=list(range(k)), zero_division=0)
     )
@@ -362,7 +362,7 @@ def fit_baseline(
     val_labels: np.ndarray,
     val_patients: Sequence[str],
     *,
-    task: finetune.TaskSpec,
+    task: tasks.TaskSpec,
     classes: Sequence[str],
     hyper: BaselineParams,
     seed: int,
@@ -464,13 +464,13 @@ class SplitInput:
 
 
 def run_baseline(
-    task: finetune.TaskSpec,
+    task: tasks.TaskSpec,
     splits: Mapping[str, SplitInput],
     *,
     hyper: BaselineParams,
     seed: int,
     n_boot: int = 1000,
-) -> evaluation.Evaluation:
+) -> evaluate.Evaluation:
     """Fit the baseline on train, choose ``C`` on val and score it on test like ``evaluate``.
 
     Parameters
@@ -488,7 +488,7 @@ def run_baseline(
 
     Returns
     -------
-    The :class:`~rosmap_geneformer.analysis.evaluation.Evaluation`; ``details["baseline"]`` holds the
+    The :class:`~rosmap_geneformer.analysis.evaluation.evaluate.Evaluation`; ``details["baseline"]`` holds the
     settings, the features, the ``C`` grid with val scores and the cell counts of every filter,
     ``details["test_cells"]`` the test cells left out (as in ``evaluate``).
     """
@@ -497,13 +497,11 @@ def run_baseline(
         msg = f"run_baseline: no input for split(s) {missing}."
         raise ValueError(msg)
     cells = {name: load_cells(splits[name].tokenized) for name in ("train", "val", "test")}
-    prepared = finetune.prepare_task(cells["train"], cells["val"], task)
+    prepared = tasks.prepare_task(cells["train"], cells["val"], task)
     classes = prepared.classes
-    test, test_other = finetune.select_cells(
-        cells["test"], task, source=str(splits["test"].tokenized)
-    )
+    test, test_other = tasks.select_cells(cells["test"], task, source=str(splits["test"].tokenized))
     n_test_selected = len(test)
-    test = finetune.encode_labels(test, task, classes)
+    test = tasks.encode_labels(test, task, classes)
     chosen = {"train": prepared.train, "val": prepared.val, "test": test}
 
     log_counts: dict[str, sparse.csr_matrix] = {}
@@ -547,7 +545,7 @@ def run_baseline(
     )
     for reader in readers.values():
         reader.close()
-    result = evaluation.evaluate_predictions(
+    result = evaluate.evaluate_predictions(
         test["cell_id"],
         test["patient_id"],
         test["label"],

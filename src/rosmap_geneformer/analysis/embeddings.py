@@ -31,7 +31,7 @@ from transformers import BertConfig, BertModel
 from transformers.utils import logging as transformers_logging
 
 from rosmap_geneformer.geneformer.dictionaries import CLS, EOS, PAD
-from rosmap_geneformer.geneformer.modeling import select_device
+from rosmap_geneformer.geneformer.model import select_device
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def load_encoder(
         ``BertForSequenceClassification`` (fine-tuned model) or ``BertModel``.
     device
         Where to put the model; ``None``: the GPU when there is one
-        (:func:`rosmap_geneformer.geneformer.modeling.select_device`), else the CPU.
+        (:func:`rosmap_geneformer.geneformer.model.select_device`), else the CPU.
 
     Returns
     -------

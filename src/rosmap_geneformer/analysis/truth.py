@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from rosmap_geneformer.analysis.perturbation import PERTURB_TYPES
-from rosmap_geneformer.data import genes
+from rosmap_geneformer.analysis.perturbation.engine import PERTURB_TYPES
+from rosmap_geneformer.data.gene_map import map_symbols
 from rosmap_geneformer.io import read_table
 
 
@@ -65,7 +65,7 @@ def mapping_against_truth(truth_genes: pd.DataFrame, gene_map: pd.DataFrame) -> 
     gene_map
         The ``gene_map`` stage's table.
     """
-    mapped = genes.map_symbols(truth_genes["var_name"], gene_map)
+    mapped = map_symbols(truth_genes["var_name"], gene_map)
     expected = truth_genes["ensembl_id"].fillna("").astype(str).to_numpy()
     got = mapped["ensembl_id"].fillna("").astype(str).to_numpy()
     mappable = expected != ""

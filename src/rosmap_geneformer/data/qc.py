@@ -13,39 +13,18 @@ rather than the whole split:
 3. cells with ``n_genes < min_genes``, ``total_counts < min_counts`` or
    ``pct_counts_mt > max_pct_mito`` are removed; the report counts each filter's failures
    (a cell can fail several) and the sequential removals;
-4. :func:`scanpy.pp.scrublet` runs on a copy of the remaining raw counts of the library;
-   predicted doublets are removed;
+4. Scrublet (:mod:`rosmap_geneformer.data.doublets`) scores a copy of the remaining raw counts
+   of the library; predicted doublets are removed;
 5. the output is the split's cell table (libraries sorted, cells in their original order
    within a library) with every cell's metrics and fate; no counts are copied.
 
-Doublet threshold
------------------
-``sc.pp.scrublet(threshold=None)`` needs scikit-image (``threshold_minimum``), which the lock
-file does not carry, so it would fail. Scrublet's own rule is also fragile on small libraries
-(100-200 cells, as in the demo): the doublet scores take few distinct values and the minimum
-between the two modes of the simulated-score histogram sometimes lands inside the singlet mode,
-calling up to 90 % of a library (measured on synthetic libraries). The threshold here is
-therefore chosen by :func:`choose_doublet_threshold`:
-
-- a fixed ``threshold`` when one is given;
-- otherwise Scrublet's rule, ported: the minimum between the two modes of the 256-bin histogram
-  of the simulated doublets' scores (:func:`threshold_minimum`); Otsu's threshold on the same
-  scores when the histogram has no two modes;
-- capped from below by the ``1 - max_doublet_fraction`` quantile of the library's observed
-  scores (default ``max_doublet_fraction = 2 * expected_doublet_rate``), so one library can never
-  lose more than that fraction of its cells to a misplaced threshold. Which rule set each
-  library's threshold is in the report.
-
-Nearest neighbours use exact search (``use_approx_neighbors=False``, scikit-learn brute force):
-scanpy otherwise switches to pynndescent above 8,192 points (observed + simulated, i.e. libraries
-above ~2,700 cells), whose numba compilation takes ~45 s on 2 cores; exact search takes ~2 s for a
-5,000-cell library and ~14 s for 20,000 cells, with identical scores.
+The report (a JSON-ready dict) is built here with the result; the plots and the files are
+written by :mod:`rosmap_geneformer.data.qc_report`.
 """
 
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,12 +33,14 @@ from typing import Any
 import anndata as ad
 import numpy as np
 import pandas as pd
-from scipy import ndimage, sparse
+from scipy import sparse
 from threadpoolctl import threadpool_limits
 
 from rosmap_geneformer import io
-from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_var, write_cells
+from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_var
+from rosmap_geneformer.data.doublets import SCORE_BINS, run_scrublet, scrublet_parts
 from rosmap_geneformer.parallel import ordered_map
+from rosmap_geneformer.params_schema import QC
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +50,6 @@ QC_COLUMNS = ("n_genes", "total_counts", "pct_counts_mt", "doublet_score", "pred
 FILTERS = ("min_genes", "min_counts", "max_pct_mito")
 #: Columns of the QC cell table that record each cell's fate (dropped once QC is applied).
 QC_FATE_COLUMNS = (*(f"fail_{name}" for name in FILTERS), "kept")
-#: Fixed bins of the doublet-score histograms kept for the plot (scores lie in [0, 1]).
-SCORE_BINS = np.linspace(0.0, 1.0, 401)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +76,7 @@ class QCSettings:
         Scrublet's ``random_state``, the same for every library.
     threshold
         A fixed doublet-score threshold; ``None`` chooses one per library
-        (see :func:`choose_doublet_threshold`).
+        (see :func:`rosmap_geneformer.data.doublets.choose_doublet_threshold`).
     max_doublet_fraction
         Cap on the fraction of a library called doublets by an automatic threshold;
         ``None`` means ``2 * expected_doublet_rate``.
@@ -146,6 +125,24 @@ class QCSettings:
                 f"least twice qc.scrublet.min_cells_per_library ({2 * floor}), or null."
             )
             raise ValueError(msg)
+
+    @classmethod
+    def from_params(cls, section: QC, *, seed: int) -> QCSettings:
+        """The settings of ``params.yaml: qc`` (its ``scrublet`` keys flattened) and ``seed``."""
+        scrublet = section.scrublet
+        return cls(
+            min_genes=section.min_genes,
+            min_counts=section.min_counts,
+            max_pct_mito=float(section.max_pct_mito),
+            scrublet=scrublet.enabled,
+            expected_doublet_rate=float(scrublet.expected_doublet_rate),
+            n_prin_comps=scrublet.n_prin_comps,
+            min_cells_per_library=scrublet.min_cells_per_library,
+            seed=seed,
+            threshold=scrublet.threshold,
+            max_doublet_fraction=scrublet.max_doublet_fraction,
+            max_cells_per_run=scrublet.max_cells_per_run,
+        )
 
     @property
     def doublet_fraction_cap(self) -> float:
@@ -239,213 +236,7 @@ def sequential_removals(failures: pd.DataFrame) -> dict[str, int]:
 
 
 # --------------------------------------------------------------------------------------------
-# Doublet threshold
-
-
-def _local_maxima(hist: np.ndarray) -> list[int]:
-    # Plateau-aware, as in skimage.filters.threshold_minimum.
-    maxima: list[int] = []
-    rising = True
-    for i in range(hist.shape[0] - 1):
-        if rising:
-            if hist[i + 1] < hist[i]:
-                rising = False
-                maxima.append(i)
-        elif hist[i + 1] > hist[i]:
-            rising = True
-    return maxima
-
-
-def _histogram(values: np.ndarray, nbins: int) -> tuple[np.ndarray, np.ndarray]:
-    values = np.asarray(values, dtype=np.float64)
-    counts, edges = np.histogram(values, bins=nbins, range=(values.min(), values.max()))
-    return counts, (edges[:-1] + edges[1:]) / 2
-
-
-def threshold_minimum(
-    values: np.ndarray, *, nbins: int = 256, max_iter: int = 10_000
-) -> float | None:
-    """Scrublet's automatic threshold: the minimum between the two modes of a histogram.
-
-    A port of :func:`skimage.filters.threshold_minimum` (which ``sc.pp.scrublet`` calls and the
-    lock file lacks): the histogram is smoothed with a width-3 running mean until it has at most
-    two local maxima; the threshold is the bin centre of the lowest point between them.
-
-    Returns
-    -------
-    The threshold, or ``None`` when the histogram does not have two modes.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2 or values.min() == values.max():
-        return None
-    counts, centres = _histogram(values, nbins)
-    smooth = counts.astype(np.float32)
-    maxima: list[int] = []
-    for _ in range(max_iter):
-        smooth = ndimage.uniform_filter1d(smooth, 3)
-        maxima = _local_maxima(smooth)
-        if len(maxima) < 3:
-            break
-    if len(maxima) != 2:
-        return None
-    lowest = int(np.argmin(smooth[maxima[0] : maxima[1] + 1]))
-    return float(centres[maxima[0] + lowest])
-
-
-def threshold_otsu(values: np.ndarray, *, nbins: int = 256) -> float | None:
-    """Otsu's threshold (maximal between-class variance) of a 256-bin histogram, or ``None``."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2 or values.min() == values.max():
-        return None
-    counts, centres = _histogram(values, nbins)
-    counts = counts.astype(np.float64)
-    w1 = np.cumsum(counts)
-    w2 = np.cumsum(counts[::-1])[::-1]
-    m1 = np.divide(np.cumsum(counts * centres), w1, out=np.zeros_like(w1), where=w1 > 0)
-    tail = np.cumsum((counts * centres)[::-1])[::-1]
-    m2 = np.divide(tail, w2, out=np.zeros_like(w2), where=w2 > 0)
-    between = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
-    return float(centres[int(np.argmax(between))])
-
-
-def choose_doublet_threshold(
-    sim_scores: np.ndarray,
-    obs_scores: np.ndarray,
-    *,
-    max_fraction: float,
-    threshold: float | None = None,
-) -> tuple[float, str]:
-    """Doublet-score threshold of one library and the rule that set it.
-
-    Parameters
-    ----------
-    sim_scores
-        Scores of Scrublet's simulated doublets.
-    obs_scores
-        Scores of the library's cells.
-    max_fraction
-        Largest fraction of cells an automatic threshold may call doublets.
-    threshold
-        A fixed threshold, returned as is.
-
-    Returns
-    -------
-    ``(threshold, rule)``; cells with a score strictly above the threshold are doublets. ``rule``
-    is ``fixed``, ``minimum`` (Scrublet's rule), ``otsu`` (no two modes) or ``none`` (no spread
-    in the scores: nothing called), with ``+capped`` when the cap raised it.
-    """
-    if threshold is not None:
-        return float(threshold), "fixed"
-    auto = threshold_minimum(sim_scores)
-    rule = "minimum"
-    if auto is None:
-        auto, rule = threshold_otsu(sim_scores), "otsu"
-    if auto is None:
-        # Scores never exceed 1, so nothing is called.
-        return 1.0, "none"
-    obs_scores = np.asarray(obs_scores, dtype=np.float64)
-    obs_scores = obs_scores[np.isfinite(obs_scores)]
-    if obs_scores.size:
-        cap = float(np.quantile(obs_scores, 1.0 - max_fraction))
-        if cap > auto:
-            return cap, f"{rule}+capped"
-    return float(auto), rule
-
-
-# --------------------------------------------------------------------------------------------
-# Scrublet
-
-
-@dataclass(kw_only=True)
-class ScrubletResult:
-    """Scrublet's output for one library."""
-
-    scores: np.ndarray
-    predicted: np.ndarray
-    threshold: float
-    rule: str
-    sim_scores: np.ndarray
-
-
-def run_scrublet(
-    counts: Any,
-    *,
-    expected_doublet_rate: float,
-    n_prin_comps: int,
-    random_state: int,
-    threshold: float | None = None,
-    max_doublet_fraction: float | None = None,
-    library: str = "",
-) -> ScrubletResult:
-    """Score the cells of one library with :func:`scanpy.pp.scrublet` and call doublets.
-
-    Parameters
-    ----------
-    counts
-        Raw counts of the library, cells x genes; copied, never modified.
-    expected_doublet_rate
-        Scrublet's ``expected_doublet_rate``.
-    n_prin_comps
-        Scrublet's ``n_prin_comps``.
-    random_state
-        Scrublet's ``random_state`` (doublet simulation and PCA).
-    threshold
-        Fixed threshold; ``None`` uses :func:`choose_doublet_threshold`.
-    max_doublet_fraction
-        Cap for the automatic threshold; ``None`` means ``2 * expected_doublet_rate``.
-    library
-        Library name, for error messages.
-    """
-    import scanpy as sc
-
-    work = ad.AnnData(X=sparse.csr_matrix(counts, dtype=np.float32, copy=True))
-    try:
-        # threshold=0.0 only stops scanpy from needing scikit-image; the call is made below.
-        sc.pp.scrublet(
-            work,
-            expected_doublet_rate=expected_doublet_rate,
-            n_prin_comps=n_prin_comps,
-            random_state=random_state,
-            use_approx_neighbors=False,
-            threshold=0.0,
-            verbose=False,
-        )
-    except ValueError as err:
-        msg = (
-            f"Scrublet failed on library {library!r} ({work.n_obs} cells x {work.n_vars} genes): "
-            f"{err}. Lower qc.scrublet.n_prin_comps or raise qc.scrublet.min_cells_per_library."
-        )
-        raise ValueError(msg) from err
-    # scanpy drops cells with < 3 genes before scoring; those get NaN and are never called.
-    scores = work.obs["doublet_score"].to_numpy(dtype=np.float64)
-    sim = np.asarray(work.uns["scrublet"]["doublet_scores_sim"], dtype=np.float64)
-    cap = 2.0 * expected_doublet_rate if max_doublet_fraction is None else max_doublet_fraction
-    thr, rule = choose_doublet_threshold(
-        sim, scores, max_fraction=min(cap, 1.0), threshold=threshold
-    )
-    predicted = np.nan_to_num(scores, nan=-np.inf) > thr
-    return ScrubletResult(
-        scores=scores, predicted=predicted, threshold=thr, rule=rule, sim_scores=sim
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # One library
-
-
-def scrublet_parts(
-    cells: np.ndarray, max_cells: int | None, *, seed: int, library: str
-) -> list[np.ndarray]:
-    """``cells`` in one part, or in seeded random parts of at most ``max_cells`` (each sorted).
-
-    The parts depend on the seed and the library name only, not on the order libraries run in.
-    """
-    if max_cells is None or len(cells) <= max_cells:
-        return [cells]
-    n_parts = -(-len(cells) // max_cells)
-    rng = np.random.default_rng([seed, zlib.crc32(library.encode())])
-    shuffled = rng.permutation(cells)
-    return [np.sort(shuffled[i::n_parts]) for i in range(n_parts)]
 
 
 @dataclass(kw_only=True)
@@ -805,178 +596,3 @@ def _report(
     # From the records, not the frame: None thresholds must stay null, not NaN.
     report["per_library"] = records
     return report
-
-
-# --------------------------------------------------------------------------------------------
-# Plots
-
-
-def _plain_log_ticks(axis: Any, subs: tuple[float, ...] = (1.0, 2.0, 5.0)) -> None:
-    # Log axes labelled 1, 2, 5, 10, 20, ... rather than 2x10^1.
-    import matplotlib.ticker as mticker
-
-    axis.set_major_locator(mticker.LogLocator(base=10, subs=subs))
-    axis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
-    axis.set_minor_formatter(mticker.NullFormatter())
-
-
-def plot_qc_distributions(result: QCResult) -> Any:
-    """Histograms of ``n_genes``, ``total_counts`` and ``pct_counts_mt`` before and after QC."""
-    from matplotlib.figure import Figure
-
-    cells, s = result.cells, result.settings
-    kept = cells["kept"].to_numpy()
-    panels = [
-        ("n_genes", "genes detected per cell", s.min_genes, "min_genes", True),
-        ("total_counts", "total counts per cell", s.min_counts, "min_counts", True),
-        ("pct_counts_mt", "% counts on MT- genes", s.max_pct_mito, "max_pct_mito", False),
-    ]
-    # A bare Figure, not pyplot: no global backend or figure registry is touched.
-    fig = Figure(figsize=(15, 4.2))
-    axes = fig.subplots(1, 3)
-    for ax, (column, label, cut, name, log) in zip(axes, panels, strict=True):
-        values = cells[column].to_numpy(dtype=np.float64)
-        if log:
-            lo = max(1.0, np.nanmin(values) if values.size else 1.0)
-            hi = max(lo * 10, np.nanmax(values) if values.size else 10.0)
-            bins = np.geomspace(lo, hi, 60)
-            values = np.clip(values, lo, None)
-            ax.set_xscale("log")
-            _plain_log_ticks(ax.xaxis, subs=(1.0, 3.0))
-        else:
-            bins = np.linspace(
-                0.0, max(100.0 if values.size == 0 else np.nanmax(values), cut) * 1.02 + 1e-9, 60
-            )
-        ax.hist(values, bins=bins, color="0.6", alpha=0.8, label=f"before ({values.size:,} cells)")
-        ax.hist(
-            values[kept],
-            bins=bins,
-            color="tab:blue",
-            alpha=0.7,
-            label=f"after ({int(kept.sum()):,} cells)",
-        )
-        ax.axvline(cut, color="tab:red", linestyle="--", linewidth=1.5, label=f"{name} = {cut:g}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("cells (log scale)")
-        ax.set_yscale("log")
-        _plain_log_ticks(ax.yaxis)
-        ax.set_title(f"{column}: {int(cells[f'fail_{name}'].sum()):,} cells fail {name}")
-        ax.legend(fontsize=8)
-    split = result.report.get("split") or ""
-    fig.suptitle(
-        f"QC {split}: {result.report['cells_in']:,} -> {result.report['cells_out']:,} cells "
-        f"({result.report['removed_by_filters']:,} by filters, "
-        f"{result.report['doublets_predicted']:,} doublets)"
-    )
-    fig.tight_layout()
-    return fig
-
-
-def plot_doublet_scores(result: QCResult) -> Any:
-    """Doublet scores pooled over libraries (observed and simulated) and per-library thresholds."""
-    from matplotlib.figure import Figure
-
-    cells, libs = result.cells, result.libraries
-    scored = cells["doublet_score"].notna().to_numpy()
-    scores = cells.loc[scored, "doublet_score"].to_numpy()
-    called = cells.loc[scored, "predicted_doublet"].to_numpy(dtype=bool)
-    thresholds = libs["doublet_threshold"].dropna().to_numpy(dtype=np.float64)
-    # A bare Figure, not pyplot: no global backend or figure registry is touched.
-    fig = Figure(figsize=(15, 4.2))
-    axes = fig.subplots(1, 3)
-    ax = axes[0]
-    ax.hist(
-        [scores[~called], scores[called]],
-        bins=SCORE_BINS,
-        stacked=True,
-        color=["tab:blue", "tab:red"],
-        label=[f"singlets ({int((~called).sum()):,})", f"called doublets ({int(called.sum()):,})"],
-    )
-    ax.set_title("observed cells (all scrubbed libraries)")
-    ax.set_xlabel("Scrublet doublet score")
-    ax.set_ylabel("cells")
-    ax = axes[1]
-    centres = (SCORE_BINS[:-1] + SCORE_BINS[1:]) / 2
-    ax.bar(
-        centres,
-        result.sim_hist,
-        width=np.diff(SCORE_BINS),
-        color="tab:orange",
-        alpha=0.8,
-        label="simulated doublets",
-    )
-    ax.set_title("simulated doublets (all scrubbed libraries)")
-    ax.set_xlabel("Scrublet doublet score")
-    ax.set_ylabel("simulated doublets")
-    # Zoom on the occupied range: small libraries never score near 1.
-    occupied = SCORE_BINS[1:][result.sim_hist > 0]
-    top = max([*occupied, *scores, *thresholds, 0.05])
-    xmax = min(1.0, 1.1 * float(top))
-    for axis in axes[:2]:
-        if scores.size:
-            axis.set_yscale("log")
-            _plain_log_ticks(axis.yaxis)
-        if thresholds.size:
-            axis.axvspan(
-                thresholds.min(),
-                thresholds.max(),
-                color="tab:red",
-                alpha=0.12,
-                label="range of library thresholds",
-            )
-            axis.axvline(
-                float(np.median(thresholds)),
-                color="tab:red",
-                linestyle="--",
-                label=f"median threshold {np.median(thresholds):.3f}",
-            )
-        axis.set_xlim(0, xmax)
-        axis.legend(fontsize=8)
-    ax = axes[2]
-    scrubbed = libs[libs["doublet_threshold"].notna()]
-    if len(scrubbed):
-        for rule, group in scrubbed.groupby("scrublet", sort=True):
-            ax.scatter(
-                group["cells_in"] - group["removed_by_filters"],
-                group["doublet_threshold"],
-                s=18,
-                label=f"{rule} ({len(group)})",
-            )
-        ax.legend(fontsize=8, title="threshold rule", title_fontsize=8)
-    else:
-        ax.text(
-            0.5,
-            0.5,
-            "Scrublet did not run\n(disabled or all libraries too small)",
-            ha="center",
-            va="center",
-            transform=ax.transAxes,
-        )
-    ax.set_title("threshold per library")
-    ax.set_xlabel("cells scored (after filters)")
-    ax.set_ylabel("doublet-score threshold")
-    split = result.report.get("split") or ""
-    fig.suptitle(
-        f"Scrublet {split}: {result.report['doublets_predicted']:,} doublets in "
-        f"{result.report['cells_scrubbed']:,} scored cells, {result.report['libraries_scrubbed']} "
-        f"libraries scored, {result.report['libraries_scrublet_skipped']} skipped"
-    )
-    fig.tight_layout()
-    return fig
-
-
-def write_reports(
-    result: QCResult, *, report: str | Path, plots: str | Path, cells: str | Path
-) -> None:
-    """Write the JSON report, the per-library TSV, the two PNGs and the cell table.
-
-    The cell table (Parquet) lists every input cell with its metrics, the filters it failed, its
-    doublet score and call, and whether it was kept, so no removal goes unrecorded; the stages
-    after QC read the kept cells from it.
-    """
-    plots = Path(plots)
-    io.write_json(result.report, report)
-    write_cells(result.cells, cells)
-    io.write_tsv(result.libraries, plots / "libraries.tsv")
-    io.save_figure(plot_qc_distributions(result), plots / "qc_distributions.png")
-    io.save_figure(plot_doublet_scores(result), plots / "doublet_scores.png")

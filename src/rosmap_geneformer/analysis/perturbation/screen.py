@@ -1,0 +1,545 @@
+"""The ``perturb`` stage's screen: perturb genes in start-state cells, rank them by the shift
+towards the goal state.
+
+:func:`perturb_dataset` selects the cells (start state, cell type, seeded subsets), computes the
+state centroids, and per perturbation type runs :func:`run_state_perturbation` (the engine,
+:mod:`rosmap_geneformer.analysis.perturbation.engine`, then the tests,
+:mod:`rosmap_geneformer.analysis.perturbation.statistics`) and annotates the ranked table;
+:func:`plot_top_genes` draws it. :func:`token_annotation` (token -> Ensembl id, symbol) serves the
+grn stage too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from transformers import BertModel
+
+from rosmap_geneformer.analysis.embeddings import PRECISIONS
+from rosmap_geneformer.analysis.perturbation.engine import (
+    DEFAULT_MAX_TOKENS,
+    PERTURB_TYPES,
+    EngineStats,
+    cosine,
+    gene_slice,
+    perturb_cells,
+)
+from rosmap_geneformer.analysis.perturbation.statistics import (
+    DEFAULT_NULL_SIZE,
+    NET,
+    RANK_BY,
+    perturbation_table,
+    state_shifts,
+)
+from rosmap_geneformer.params import check_known_keys
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# The perturb stage's computation
+
+
+@dataclass
+class PerturbationResult:
+    """Per-gene results of one perturbation type.
+
+    Attributes
+    ----------
+    table
+        Ranked table, one row per gene (see
+        :func:`~rosmap_geneformer.analysis.perturbation.statistics.perturbation_table`).
+    engine
+        Counters of the forward passes.
+    """
+
+    table: pd.DataFrame
+    engine: EngineStats
+
+
+def genes_to_perturb(
+    cells: Sequence[Sequence[int]],
+    *,
+    min_cells: int,
+    special_tokens: bool,
+    exclude: Sequence[int] = (),
+) -> np.ndarray:
+    """Gene tokens present in at least ``min_cells`` of the cells (sorted)."""
+    counts: dict[int, int] = {}
+    for ids in cells:
+        genes = np.unique(np.asarray(ids)[gene_slice(len(ids), special_tokens=special_tokens)])
+        for token in genes.tolist():
+            counts[token] = counts.get(token, 0) + 1
+    excluded = set(int(t) for t in exclude)
+    return np.array(
+        sorted(t for t, n in counts.items() if n >= min_cells and t not in excluded),
+        dtype=np.int64,
+    )
+
+
+def perturbation_positions(
+    cells: Sequence[Sequence[int]],
+    genes: np.ndarray,
+    *,
+    perturb_type: str,
+    special_tokens: bool,
+) -> list[np.ndarray]:
+    """Per cell, the positions of ``genes`` to perturb (overexpression skips the front gene)."""
+    out = []
+    for ids in cells:
+        ids = np.asarray(ids)
+        window = gene_slice(len(ids), special_tokens=special_tokens)
+        where = np.flatnonzero(np.isin(ids[window], genes)) + window.start
+        if perturb_type == "overexpress":
+            where = where[where != window.start]
+        out.append(where)
+    return out
+
+
+def run_state_perturbation(
+    encoder: BertModel,
+    cells: Sequence[Sequence[int]],
+    genes: np.ndarray,
+    centroids: Mapping[str, np.ndarray],
+    *,
+    goal_state: str,
+    start_state: str | None = None,
+    rank_by: str = "goal",
+    perturb_type: str,
+    layer_index: int,
+    special_tokens: bool,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    pad_token_id: int = 0,
+    precision: str = "auto",
+    null_size: int = DEFAULT_NULL_SIZE,
+    seed: int = 0,
+    progress: bool = True,
+) -> PerturbationResult:
+    """Perturb ``genes`` one at a time in every cell and test the shifts towards each state.
+
+    Parameters
+    ----------
+    encoder
+        The model's encoder.
+    cells
+        Start-state cells (token lists).
+    genes
+        Gene tokens to perturb (each where present in a cell).
+    centroids
+        State -> centroid embedding; must include ``goal_state``; the others are alternatives
+        (and ``start_state``).
+    goal_state
+        The state the perturbation should move the cells towards.
+    start_state
+        The cells' own state; when its centroid is given, the table also has the net shift
+        (towards the goal minus towards the start state), which discounts perturbations that
+        move a cell away from every state alike.
+    rank_by
+        ``"goal"`` (Geneformer: the shift towards the goal) or ``"net"``.
+    perturb_type, layer_index, special_tokens, max_tokens, pad_token_id, precision
+        See :func:`rosmap_geneformer.analysis.perturbation.engine.perturb_cells`.
+    null_size, seed
+        Pooled null for the rank-sum test (per state).
+    progress
+        Show a progress bar.
+
+    Returns
+    -------
+    The per-gene table (indexed by token) and the engine counters.
+    """
+    if goal_state not in centroids:
+        msg = f"goal state {goal_state!r} has no centroid; states: {sorted(centroids)}."
+        raise ValueError(msg)
+    positions = perturbation_positions(
+        cells, genes, perturb_type=perturb_type, special_tokens=special_tokens
+    )
+    per_state: dict[str, dict[int, list[np.ndarray]]] = {s: {} for s in centroids}
+    if start_state is not None and start_state in centroids:
+        per_state[NET] = {}
+    cos_original: dict[int, list[np.ndarray]] = {}
+    engine = EngineStats()
+    for result in perturb_cells(
+        encoder,
+        cells,
+        positions,
+        perturb_type=perturb_type,
+        layer_index=layer_index,
+        special_tokens=special_tokens,
+        max_tokens=max_tokens,
+        pad_token_id=pad_token_id,
+        precision=precision,
+        progress=progress,
+        engine_stats=engine,
+    ):
+        shifts = state_shifts(result.perturbed, result.original, centroids)
+        if start_state is not None and start_state in shifts:
+            shifts[NET] = shifts[goal_state] - shifts[start_state]
+        cosines = result.cell_cosines
+        for k, token in enumerate(result.tokens.tolist()):
+            for state, values in shifts.items():
+                per_state[state].setdefault(token, []).append(values[k : k + 1])
+            cos_original.setdefault(token, []).append(cosines[k : k + 1])
+    collected = {
+        state: {t: np.concatenate(v) for t, v in values.items()}
+        for state, values in per_state.items()
+    }
+    table = perturbation_table(
+        collected,
+        {t: np.concatenate(v) for t, v in cos_original.items()},
+        goal_state=goal_state,
+        rank_by=rank_by,
+        null_size=null_size,
+        seed=seed,
+    )
+    return PerturbationResult(table=table, engine=engine)
+
+
+# --------------------------------------------------------------------------------------------
+# The perturb stage
+
+
+@dataclass(frozen=True)
+class PerturbSettings:
+    """``params.yaml: perturb``.
+
+    Attributes
+    ----------
+    task
+        Fine-tuned model to explain (``models/finetuned/<task>``); its encoder is used.
+    emb_layer
+        Layer, in Geneformer's convention (0: last, -1: second to last).
+    split
+        Split whose cells are perturbed and whose cells give the state centroids.
+    state_key
+        Column holding the cell state (``ad_status``).
+    start_state, goal_state
+        Cells perturbed, and the state they should move towards.
+    alt_states
+        Further states to measure shifts towards.
+    rank_by
+        ``net`` (towards the goal minus towards the start state; the default, because a
+        deletion that moves a cell away from every state alike gets a negative goal shift
+        however relevant it is) or ``goal`` (Geneformer's ranking: the shift towards the goal).
+        The table has both.
+    cell_type
+        Only cells of this ``cell_type`` (``None``: all).
+    types
+        Perturbations to run (``delete``, ``overexpress``).
+    max_cells
+        Start-state cells perturbed (seeded subset; ``None``: all).
+    min_cells
+        Genes perturbed: present in at least this many of the perturbed cells.
+    max_state_cells
+        Cells per state for the centroids (seeded subset; ``None``: all).
+    null_size
+        Size of the pooled null of the rank-sum test.
+    fdr
+        Significance threshold on the BH FDR.
+    max_tokens
+        Tokens per forward pass (bounds memory).
+    precision
+        ``auto`` (bfloat16 on a GPU, exact float32 on the CPU), ``float32`` or ``bfloat16``
+        (bfloat16 matrix products; on CPUs with AMX about twice float32's rate, shifts within
+        ~1%).
+    batch_size
+        Cells per forward pass for the centroid embeddings.
+    top_n
+        Genes shown in the plot.
+    """
+
+    task: str = "disease"
+    emb_layer: int = 0
+    split: str = "train"
+    state_key: str = "ad_status"
+    start_state: str = "AD"
+    goal_state: str = "control"
+    alt_states: tuple[str, ...] = ()
+    rank_by: str = "net"
+    cell_type: str | None = "Mic"
+    types: tuple[str, ...] = PERTURB_TYPES
+    max_cells: int | None = 50
+    min_cells: int = 10
+    max_state_cells: int | None = 1000
+    null_size: int = DEFAULT_NULL_SIZE
+    fdr: float = 0.05
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    precision: str = "auto"
+    batch_size: int = 32
+    top_n: int = 25
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any]) -> PerturbSettings:
+        """Build from ``params.yaml: perturb`` (unknown keys are an error)."""
+        check_known_keys(values, cls.__dataclass_fields__, section="perturb")
+        values = dict(values)
+        for key in ("alt_states", "types"):
+            if key in values:
+                values[key] = tuple(values[key] or ())
+        settings = cls(**values)
+        bad = sorted(set(settings.types) - set(PERTURB_TYPES))
+        if bad or not settings.types:
+            msg = f"params.yaml perturb.types={list(settings.types)}: use {list(PERTURB_TYPES)}."
+            raise ValueError(msg)
+        if settings.split == "test":
+            msg = "params.yaml perturb.split: test is reserved for evaluate; use train or val."
+            raise ValueError(msg)
+        if settings.precision not in PRECISIONS:
+            msg = f"params.yaml perturb.precision={settings.precision!r}: use {list(PRECISIONS)}."
+            raise ValueError(msg)
+        if settings.rank_by not in RANK_BY:
+            msg = f"params.yaml perturb.rank_by={settings.rank_by!r}: use one of {list(RANK_BY)}."
+            raise ValueError(msg)
+        return settings
+
+
+def token_annotation(
+    token_dictionary: Mapping[str, int], symbols: Mapping[str, str]
+) -> pd.DataFrame:
+    """Token -> Ensembl id and symbol (``""`` when unknown), special tokens excluded.
+
+    Parameters
+    ----------
+    token_dictionary
+        Ensembl id -> token.
+    symbols
+        Ensembl id -> gene symbol (e.g. ``var["gene_symbol"]`` of the sampled h5ad).
+    """
+    rows = [
+        (int(token), gene, str(symbols.get(gene, "") or ""))
+        for gene, token in token_dictionary.items()
+        if not gene.startswith("<")
+    ]
+    frame = pd.DataFrame(rows, columns=["token", "ensembl_id", "symbol"])
+    return frame.set_index("token").sort_index()
+
+
+def _subset(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
+    if cap is None or n <= cap:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=cap, replace=False))
+
+
+def perturb_dataset(
+    encoder: BertModel,
+    dataset: Any,
+    *,
+    settings: PerturbSettings,
+    annotation: pd.DataFrame,
+    special_tokens: bool,
+    pad_token_id: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The ``perturb`` stage: select cells, compute state centroids, perturb, test, rank.
+
+    Parameters
+    ----------
+    encoder
+        The encoder of the model to explain.
+    dataset
+        Tokenized cells of ``settings.split`` (``input_ids``, ``length``, ``cell_type`` and the
+        state column).
+    settings
+        ``params.yaml: perturb``.
+    annotation
+        :func:`token_annotation` (token -> Ensembl id, symbol).
+    special_tokens
+        V2 layout.
+    pad_token_id
+        The ``<pad>`` id.
+    seed
+        Seeds the cell subsets and the null.
+    progress
+        Show progress bars.
+
+    Returns
+    -------
+    One ranked table per perturbation type, and the summary (counts and settings) for the
+    stage report.
+    """
+    from rosmap_geneformer.analysis.embeddings import cell_embeddings, hidden_layer_index
+
+    for column in (settings.state_key, "cell_type", "input_ids"):
+        if column not in dataset.column_names:
+            msg = (
+                f"tokenized {settings.split} dataset: no column {column!r} (columns: "
+                f"{dataset.column_names}); check perturb.state_key and tokenize.columns."
+            )
+            raise ValueError(msg)
+    rng = np.random.default_rng(seed)
+    layer_index = hidden_layer_index(encoder.config.num_hidden_layers, settings.emb_layer)
+    states = np.asarray(dataset[settings.state_key], dtype=object)
+    types = np.asarray(dataset["cell_type"], dtype=object)
+    in_type = (
+        np.ones(len(dataset), bool) if settings.cell_type is None else types == settings.cell_type
+    )
+    summary: dict[str, Any] = {
+        "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
+        "layer_index": layer_index,
+        "n_layers": encoder.config.num_hidden_layers,
+        "cells": {
+            "split": len(dataset),
+            "other_cell_types": int((~in_type).sum()),
+            "by_state": {
+                str(s): int(((states == s) & in_type).sum()) for s in sorted(set(states[in_type]))
+            },
+        },
+    }
+    wanted_states = [settings.start_state, settings.goal_state, *settings.alt_states]
+    missing = [s for s in wanted_states if not ((states == s) & in_type).any()]
+    if missing:
+        msg = (
+            f"perturb: no {settings.split} cells of cell type {settings.cell_type!r} in state(s) "
+            f"{missing} (column {settings.state_key!r}; present: "
+            f"{summary['cells']['by_state']}). Check perturb.cell_type and the states."
+        )
+        raise ValueError(msg)
+
+    # Centroids of the goal and alternative states (and the start state, for reference).
+    centroids: dict[str, np.ndarray] = {}
+    centroid_cells: dict[str, int] = {}
+    for state in dict.fromkeys(wanted_states):
+        rows = np.flatnonzero((states == state) & in_type)
+        rows = rows[_subset(rows.size, settings.max_state_cells, rng)]
+        emb = cell_embeddings(
+            None,
+            dataset.select(rows.tolist()),
+            emb_layer=settings.emb_layer,
+            batch_size=settings.batch_size,
+            special_tokens=special_tokens,
+            encoder=encoder,
+        )
+        centroids[state] = emb.astype(np.float64).mean(axis=0)
+        centroid_cells[state] = int(rows.size)
+    summary["centroid_cells"] = centroid_cells
+    summary["centroid_cosines"] = {
+        f"{a}~{b}": float(cosine(centroids[a], centroids[b]))
+        for i, a in enumerate(centroids)
+        for b in list(centroids)[i + 1 :]
+    }
+
+    start_rows = np.flatnonzero((states == settings.start_state) & in_type)
+    start_rows = start_rows[_subset(start_rows.size, settings.max_cells, rng)]
+    cells = list(dataset.select(start_rows.tolist()).with_format("numpy")["input_ids"])
+    expressed = genes_to_perturb(cells, min_cells=1, special_tokens=special_tokens)
+    genes = genes_to_perturb(cells, min_cells=settings.min_cells, special_tokens=special_tokens)
+    summary["cells"]["perturbed"] = len(cells)
+    summary["genes"] = {
+        "expressed_in_perturbed_cells": int(expressed.size),
+        "below_min_cells": int(expressed.size - genes.size),
+        "perturbed": int(genes.size),
+    }
+    shift_centroids = {
+        s: centroids[s] for s in (settings.goal_state, *settings.alt_states, settings.start_state)
+    }
+    tables: dict[str, pd.DataFrame] = {}
+    summary["runs"] = {}
+    for perturb_type in settings.types:
+        result = run_state_perturbation(
+            encoder,
+            cells,
+            genes,
+            shift_centroids,
+            goal_state=settings.goal_state,
+            start_state=settings.start_state,
+            rank_by=settings.rank_by,
+            perturb_type=perturb_type,
+            layer_index=layer_index,
+            special_tokens=special_tokens,
+            max_tokens=settings.max_tokens,
+            pad_token_id=pad_token_id,
+            precision=settings.precision,
+            null_size=settings.null_size,
+            seed=seed,
+            progress=progress,
+        )
+        table = annotate_table(
+            result.table,
+            annotation,
+            fdr=settings.fdr,
+            fdr_column="fdr" if settings.rank_by == "goal" else f"{NET}_fdr",
+        )
+        tables[perturb_type] = table
+        engine = result.engine
+        summary["runs"][perturb_type] = {
+            "perturbations": engine.perturbations,
+            "forward_passes": engine.forward_passes,
+            "genes_tested": len(table),
+            # Overexpression skips a gene already at the front (its shift would be 0).
+            "skipped_already_first": _already_first(cells, genes, special_tokens=special_tokens)
+            if perturb_type == "overexpress"
+            else 0,
+            "significant": int(table["significant"].sum()),
+            "top_genes": table["symbol"].head(10).tolist(),
+        }
+        logger.info(
+            "%s: %d perturbations in %.1f s (%.1f/s); %d of %d genes significant at FDR %.2g",
+            perturb_type,
+            engine.perturbations,
+            engine.seconds,
+            engine.rate,
+            int(table["significant"].sum()),
+            len(table),
+            settings.fdr,
+        )
+    return tables, summary
+
+
+def _already_first(cells: Sequence[np.ndarray], genes: np.ndarray, *, special_tokens: bool) -> int:
+    front = 1 if special_tokens else 0
+    return int(sum(len(c) > front and np.isin(c[front], genes) for c in cells))
+
+
+def annotate_table(
+    table: pd.DataFrame, annotation: pd.DataFrame, *, fdr: float, fdr_column: str = "fdr"
+) -> pd.DataFrame:
+    """Add rank, Ensembl id, symbol and significance (``fdr_column`` below ``fdr``) to a
+    :func:`~rosmap_geneformer.analysis.perturbation.statistics.perturbation_table`."""
+    out = table.copy()
+    out.insert(0, "rank", np.arange(1, len(out) + 1))
+    out.insert(1, "gene", annotation["ensembl_id"].reindex(out.index).fillna("").to_numpy())
+    out.insert(2, "symbol", annotation["symbol"].reindex(out.index).fillna("").to_numpy())
+    out["significant"] = out[fdr_column] < fdr
+    out.index.name = "token"
+    return out.reset_index()
+
+
+def plot_top_genes(
+    table: pd.DataFrame, *, top_n: int, goal_state: str, title: str, column: str = "mean_shift"
+) -> Any:
+    """Bar chart of the top genes of the table by ``column`` (the shift it is ranked by).
+
+    Bars of genes significant at the FDR threshold are filled, others hatched.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = table.head(top_n).iloc[::-1]
+    labels = [s or g for s, g in zip(top["symbol"], top["gene"], strict=True)]
+    fig, ax = plt.subplots(figsize=(6.5, 0.28 * len(top) + 1.4))
+    colors = ["#1f77b4" if s else "#c7c7c7" for s in top["significant"]]
+    ax.barh(labels, top[column], color=colors, edgecolor="#333333", linewidth=0.4)
+    ax.axvline(0.0, color="#333333", linewidth=0.6)
+    what = "net shift towards" if column.startswith(NET) else "shift towards"
+    ax.set_xlabel(f"mean {what} {goal_state} (cosine to centroid, perturbed - original)")
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(axis="y", labelsize=8)
+    from matplotlib.patches import Patch
+
+    ax.legend(
+        handles=[
+            Patch(facecolor="#1f77b4", label="significant (BH FDR)"),
+            Patch(facecolor="#c7c7c7", label="not significant"),
+        ],
+        fontsize=7,
+        loc="lower right",
+    )
+    fig.tight_layout()
+    return fig
