@@ -149,3 +149,17 @@ def test_bad_params_get_one_line_naming_file_and_key(tmp_path: Path, edit, messa
         read_params(path)
     assert str(path) in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_a_fine_tuning_param_reruns_only_what_reads_the_fine_tuned_models() -> None:
+    """``dvc exp run -S train.learning_rate=...``: train and the stages that read its models."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        graph = repo.index.graph
+        stages = {stage.addressing: stage for stage in graph.nodes}
+        trains = [stages["train@cell_type"], stages["train@disease"]]
+        downstream = {s.addressing for t in trains for s in nx.ancestors(graph, t)}
+    # grn reads the base model (grn.model), the report reads every report.
+    assert downstream == {"evaluate@cell_type", "evaluate@disease", "embed", "perturb", "report"}
