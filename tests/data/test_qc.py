@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 from types import ModuleType
+from unittest import mock
 
 import anndata as ad
 import numpy as np
@@ -421,9 +423,14 @@ def test_qc_on_a_local_dask_cluster_equals_one_process(tmp_path: Path) -> None:
     adata = make_adata(libraries=("L2", "L0", "L1", "L3"), cells=120)
     local = run(adata, tmp_path / "m.h5ad", split="train")
     table = counts.cell_table(adata.obs, np.ones(adata.n_obs, dtype=bool))
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster:
+    # distributed's nannies set OMP_NUM_THREADS=1 (and more) in *this* process's environment and
+    # leave it there; later tests' subprocesses (torch stages) would inherit it: restore it.
+    with (
+        mock.patch.dict(os.environ),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+    ):
         remote = qc.run_qc(
             table,
             tmp_path / "m.h5ad",
