@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         msg = f"{train_path}: tokenized train dataset not found. Run `dvc repro tokenize@train`."
         raise FileNotFoundError(msg)
     train = io.read_dataset(train_path)
-    model_input_size = int(params.tokenize.model_input_size)
+    model_input_size = params.tokenize.model_input_size
     settings = PretrainSettings.from_params(params.base_model.pretrain.values())
     output_dir = Path(params.paths.base_model)
     live_dir = Path(params.paths.dvclive) / "base_model"
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         output_dir=output_dir,
         token_dictionary=token_dictionary,
         model_input_size=model_input_size,
-        special_tokens=bool(params.tokenize.special_tokens),
+        special_tokens=params.tokenize.special_tokens,
         train=train,
         settings=settings,
         live_dir=live_dir,

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         task,
         splits,
         hyper=hyper,
-        seed=int(params.seed),
-        n_boot=int(params.evaluate.n_boot),
+        seed=params.seed,
+        n_boot=params.evaluate.n_boot,
     )
     write_evaluation(
         result,

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
         params.paths.ensembl,
         gene_map.read_gene_map(gene_map_path),
         batch_key=params.data.columns.batch,
-        chunk_size=int(params.compute.chunk_size),
+        chunk_size=params.compute.chunk_size,
         gene_map_source=gene_map_path,
     )
     convert_genes.write_conversion(

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
     source = params.dictionaries.source
-    special_tokens = bool(params.tokenize.special_tokens)
+    special_tokens = params.tokenize.special_tokens
     out_dir = Path(params.paths.dictionaries)
     report: dict = {"source": source}
     if source == "from_data":
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         medians, report["medians"] = compute_nonzero_medians(
             params.paths.ensembl,
             cells=counts.read_cells(train, what="sampled train cell table"),
-            chunk_size=int(params.dictionaries.chunk_size),
+            chunk_size=params.dictionaries.chunk_size,
         )
         dictionaries = build_dictionaries(medians, special_tokens=special_tokens, source=str(train))
         with io.atomic_output(out_dir) as tmp:

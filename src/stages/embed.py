@@ -29,7 +29,7 @@ OBS_COLUMNS = ("patient_id", "cell_type", "ad_status")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
-    seed = int(params.seed)
+    seed = params.seed
     settings = params.embed
     emb_layer = int(settings.emb_layer)
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     vectors: dict[str, np.ndarray] = {}
     layers: dict[str, int] = {}
     runtime: dict[str, float] = {}
-    special = bool(params.tokenize.special_tokens)
+    special = params.tokenize.special_tokens
     for name, path in models.items():
         start = time.perf_counter()
         encoder, config = embeddings.load_encoder(path)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     test, other_types = select_cells(io.read_dataset(test_path), task, source=str(test_path))
     n_selected = len(test)
     test = encode_labels(test, task, classes)
-    probabilities = finetune.predict(model_dir, test, batch_size=int(params.train.eval_batch_size))
+    probabilities = finetune.predict(model_dir, test, batch_size=params.train.eval_batch_size)
     result = evaluate_predictions(
         test["cell_id"],
         test["patient_id"],
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         probabilities,
         classes=classes,
         task_kind="disease" if task.patient_level else "cell_type",
-        n_boot=int(params.evaluate.n_boot),
-        seed=int(params.seed),
+        n_boot=params.evaluate.n_boot,
+        seed=params.seed,
     )
     out_dir = Path(params.paths.reports) / "eval" / args.task
     result.details["test_cells"] = {

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
     settings = GRNSettings.from_params(params.grn.values())
-    seed = int(params.seed)
+    seed = params.seed
     torch.manual_seed(seed)
 
     model_dir = Path(settings.model)

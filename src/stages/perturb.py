@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
     settings = PerturbSettings.from_params(params.perturb.values())
-    seed = int(params.seed)
+    seed = params.seed
     torch.manual_seed(seed)
 
     model_dir = Path(params.paths.finetuned) / settings.task

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                     cells,
                     max_per_patient_class=params.sample.max_cells_per_patient_cell_type,
                     max_per_class=params.sample.max_cells_per_class,
-                    rng=split_rng(int(params.seed), split),
+                    rng=split_rng(params.seed, split),
                 )
                 sampled = cells.iloc[kept].copy()
             else:

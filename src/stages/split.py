@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         labels=labels,
         fractions=params.split.fractions,
         balance=params.split.balance or (),
-        max_trials=int(params.split.max_trials),
-        seed=int(params.seed),
+        max_trials=params.split.max_trials,
+        seed=params.seed,
     )
 
     cell_split = patients.map(result.split_of()).to_numpy()

@@ -35,10 +35,10 @@ def main(argv: list[str] | None = None) -> None:
         params.paths.ensembl,
         Path(params.paths.tokenized) / f"{args.split}.dataset",
         dictionaries=dictionaries,
-        model_input_size=int(params.tokenize.model_input_size),
-        special_tokens=bool(params.tokenize.special_tokens),
+        model_input_size=params.tokenize.model_input_size,
+        special_tokens=params.tokenize.special_tokens,
         columns=list(params.tokenize.columns),
-        chunk_size=int(params.tokenize.chunk_size),
+        chunk_size=params.tokenize.chunk_size,
         nproc=default_nproc() if nproc == "auto" else int(nproc),
     )
     report["split"] = args.split

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     task_params = params.tasks[args.task].values()
     task = TaskSpec.from_params(args.task, task_params)
     hyper = finetune.Hyperparameters.from_params(params.train.values())
-    seed = int(params.seed)
+    seed = params.seed
 
     tokenized = Path(params.paths.tokenized)
     base_model = Path(params.paths.base_model)

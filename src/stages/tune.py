@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = space.TuneSettings.from_params(
         tune, fixed=fixed, n_layers=int(json.loads(config.read_text())["num_hidden_layers"])
     )
-    seed = int(params.seed)
+    seed = params.seed
 
     # Only train and val: the test split is never read by the search.
     tokenized = Path(params.paths.tokenized)
