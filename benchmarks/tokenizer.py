@@ -58,7 +58,7 @@ GENEFORMER_QUOTED = harness.quoted(
         "V2": {"cells_per_s": 1210, "total_s": 16.4, "wall_incl_imports_s": 22.8},
         "peak_rss_mb": {"V1": 1360, "V2": 2320},
     },
-    source="/work/shared/reference/geneformer-spec.md section 2.8 (a 2-core machine of this "
+    source="../shared/reference/geneformer-spec.md section 2.8 (a 2-core machine of this "
     "project's kind, earlier; CPU model, sort dispatch and load not recorded)",
 )
 
