@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -17,6 +16,7 @@ from scipy import sparse
 from toy_annotation import G, toy_annotation
 from toy_annotation import ensembl_id as _id
 
+from builders import load_stage
 from rosmap_geneformer.data.convert_genes import convert_genes, convert_genes_file
 from rosmap_geneformer.data.gene_map import build_gene_map, write_gene_map
 
@@ -24,10 +24,7 @@ STAGES = Path(__file__).resolve().parents[2] / "src" / "stages"
 
 
 def _load_stage(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"stage_{name}_genes_test", STAGES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_stage(STAGES / f"{name}.py")
 
 
 @pytest.fixture(scope="module")

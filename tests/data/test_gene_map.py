@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import threading
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import yaml
 from toy_annotation import G, toy_annotation
 from toy_annotation import ensembl_id as _id
 
+from builders import load_stage
 from rosmap_geneformer.data.gene_map import (
     GENE_MAP_COLUMNS,
     build_gene_map,
@@ -31,10 +31,7 @@ STAGES = Path(__file__).resolve().parents[2] / "src" / "stages"
 
 
 def _load_stage(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"stage_{name}_genes_test", STAGES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_stage(STAGES / f"{name}.py")
 
 
 @pytest.fixture(scope="module")
