@@ -8,7 +8,7 @@ LOCK_SHA := $(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test bench lint format clean-demo
+.PHONY: setup demo test bench lint format schema clean-demo
 
 # Idempotent: a no-op when .venv already matches requirements.lock and pyproject.toml.
 setup:
@@ -45,3 +45,7 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 	$(VENV)/bin/ruff format src tests benchmarks
+
+# params.schema.json from the pydantic schema (src/rosmap_geneformer/params_schema.py); a test checks it is current.
+schema: setup
+	rosmap-geneformer schema --output params.schema.json

@@ -6,6 +6,8 @@
 ``rosmap-geneformer dictionaries --input train.h5ad --output DIR [--special-tokens]``
 
 ``rosmap-geneformer summary [--params params.yaml]``: the headline results of a pipeline run.
+
+``rosmap-geneformer schema [--output params.schema.json]``: the JSON Schema of ``params.yaml``.
 """
 
 from __future__ import annotations
@@ -142,10 +144,31 @@ def _add_summary(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_summary(args: argparse.Namespace) -> int:
     from rosmap_geneformer.analysis.report import headline
-    from rosmap_geneformer.params import get, load_params
+    from rosmap_geneformer.params import read_params
 
-    params = load_params(args.params)
-    print(headline(get(params, "paths.reports"), sorted(get(params, "tasks"))))
+    params = read_params(args.params)
+    print(headline(params.paths.reports, sorted(params.section("tasks"))))
+    return 0
+
+
+def _add_schema(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "schema",
+        help="write the JSON Schema of params.yaml (params.schema.json, for editors)",
+        description="The typed params schema (params_schema.py) as JSON Schema. params.yaml names "
+        "it in its first line, so YAML editors complete keys and flag wrong values.",
+    )
+    parser.add_argument("--output", type=Path, default=Path("params.schema.json"), help="file")
+    parser.set_defaults(func=_run_schema)
+
+
+def _run_schema(args: argparse.Namespace) -> int:
+    from rosmap_geneformer.io import atomic_output
+    from rosmap_geneformer.params_schema import json_schema
+
+    with atomic_output(args.output) as tmp:
+        tmp.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    print(f"{args.output}: JSON Schema of params.yaml written")
     return 0
 
 
@@ -153,6 +176,7 @@ _SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_tokenize,
     _add_dictionaries,
     _add_summary,
+    _add_schema,
 )
 
 
@@ -161,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rosmap-geneformer",
         description="ROSMAP snRNA-seq -> Geneformer tools (the DVC pipeline uses the same code).",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback when an input is refused"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _SUBCOMMANDS:
@@ -173,16 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Bad input (files, columns, values) is reported as one line on stderr with exit status 2.
     """
+    from rosmap_geneformer.errors import InputError, report_input_error
     from rosmap_geneformer.logs import setup_logging
 
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(arguments)
     setup_logging()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        logger.debug("failed", exc_info=True)
-        print(f"rosmap-geneformer {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except InputError as error:
+        return report_input_error(f"rosmap-geneformer {args.command}", arguments, error)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from rosmap_geneformer.io import atomic_output
+from rosmap_geneformer.errors import InputError, MissingInputError
+from rosmap_geneformer.io import atomic_output, check_matrix_shape, open_h5ad
 
 # The column of a cell table that holds each cell's row in the count matrix.
 MATRIX_ROW = "matrix_row"
 # Rows whose stored values lie closer than this are read in one request (fewer, larger reads).
 _MERGE_GAP = 1 << 16
+_H5AD_HINT = "Run the stage that writes it (`dvc repro`) or check paths in params.yaml."
 
 
 def check_count_values(values: np.ndarray, *, source: str | Path) -> float | None:
@@ -36,17 +38,17 @@ def check_count_values(values: np.ndarray, *, source: str | Path) -> float | Non
         return None
     if values.dtype.kind not in "iuf":
         msg = f"{source}: X has dtype {values.dtype}; expected raw counts (integer or float)."
-        raise ValueError(msg)
+        raise InputError(msg)
     low, high = values.min(), values.max()
     if values.dtype.kind == "f" and not (np.isfinite(low) and np.isfinite(high)):
         msg = f"{source}: X contains NaN or infinite values. Provide raw integer UMI counts in X."
-        raise ValueError(msg)
+        raise InputError(msg)
     if low < 0:
         msg = (
             f"{source}: X has negative values (min {low:g}); it looks scaled or centred. "
             "Geneformer ranks raw counts: put raw integer UMI counts in X."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if values.dtype.kind == "f":
         fractional = np.trunc(values) != values
         if fractional.any():
@@ -56,7 +58,7 @@ def check_count_values(values: np.ndarray, *, source: str | Path) -> float | Non
                 "or log-transformed. Geneformer normalises by itself and must get raw integer UMI "
                 "counts: put them in X (e.g. from layers['counts'] or .raw) and rerun."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
     return float(low)
 
 
@@ -65,6 +67,10 @@ class H5adRows:
 
     Picklable (the file is reopened lazily in each process). ``kind`` is ``"sparse"`` for a CSR
     ``X`` and ``"dense"`` for a dense one; CSC is refused because it cannot be read by rows.
+
+    A file that is missing, empty, a Git LFS pointer, not HDF5 or truncated, or whose matrix has
+    no cells or no genes, is refused when the reader is made, with the file's name: the first
+    stage that reads a matrix is the one that refuses it.
 
     Parameters
     ----------
@@ -76,15 +82,12 @@ class H5adRows:
         import h5py
 
         self.path = Path(path)
-        if not self.path.is_file():
-            msg = f"{self.path}: input h5ad not found. Check the path (or run `dvc repro`)."
-            raise FileNotFoundError(msg)
         self._file: Any = None
         self._buffers: dict[str, np.ndarray] = {}
-        with h5py.File(self.path, "r") as fh:
+        with open_h5ad(self.path, what="input h5ad", hint=_H5AD_HINT) as fh:
             if "X" not in fh:
                 msg = f"{self.path}: no X in the file; it must hold the raw counts in X."
-                raise ValueError(msg)
+                raise InputError(msg)
             node = fh["X"]
             if isinstance(node, h5py.Dataset):
                 self.kind = "dense"
@@ -98,16 +101,17 @@ class H5adRows:
                         "Rewrite it as CSR (adata.X = scipy.sparse.csr_matrix(adata.X); "
                         "adata.write_h5ad(...))."
                     )
-                    raise ValueError(msg)
+                    raise InputError(msg)
                 if encoding not in ("csr_matrix", "csr"):
                     msg = (
                         f"{self.path}: unsupported X encoding {encoding!r}; expected CSR or dense."
                     )
-                    raise ValueError(msg)
+                    raise InputError(msg)
                 self.kind = "sparse"
                 shape = node.attrs.get("shape", node.attrs.get("h5sparse_shape"))
                 self.n_obs, self.n_vars = (int(s) for s in shape)
                 self.dtype = node["data"].dtype
+        check_matrix_shape(self.n_obs, self.n_vars, source=self.path)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -196,28 +200,29 @@ def _text(value: Any) -> str | None:
 
 def read_cell_table(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(obs, var)`` of an h5ad, read without touching ``X``."""
-    import h5py
-    from anndata.io import read_elem
-
-    with h5py.File(path, "r") as fh:
-        return read_elem(fh["obs"]), read_elem(fh["var"])
+    obs, var = _read_elements(path, ("obs", "var"))
+    return obs, var
 
 
 def read_var(path: str | Path) -> pd.DataFrame:
     """``var`` of an h5ad, read without touching ``X`` or ``obs``."""
-    import h5py
+    return _read_elements(path, ("var",))[0]
+
+
+def _read_elements(path: str | Path, names: Sequence[str]) -> list[Any]:
+    """Elements ``names`` of an h5ad, after the checks of :func:`~rosmap_geneformer.io.open_h5ad`;
+    a file without one of them is refused as not an AnnData file."""
     from anndata.io import read_elem
 
-    _check_h5ad(path)
-    with h5py.File(path, "r") as fh:
-        return read_elem(fh["var"])
-
-
-def _check_h5ad(path: str | Path) -> None:
-    path = Path(path)
-    if not path.is_file():
-        msg = f"{path}: file not found. Run the stage that writes it (`dvc repro`) or check paths in params.yaml."
-        raise FileNotFoundError(msg)
+    with open_h5ad(path, hint=_H5AD_HINT) as fh:
+        missing = [name for name in names if name not in fh]
+        if missing:
+            msg = (
+                f"{path}: an HDF5 file without {' and '.join(missing)}, so not an AnnData .h5ad; "
+                "write it with anndata (adata.write_h5ad) or `dvc pull`."
+            )
+            raise InputError(msg)
+        return [read_elem(fh[name]) for name in names]
 
 
 class SelectedRows(H5adRows):
@@ -242,14 +247,14 @@ class SelectedRows(H5adRows):
         positions = np.asarray(positions, dtype=np.int64)
         if positions.ndim != 1:
             msg = f"{self.path}: row positions must be one-dimensional."
-            raise ValueError(msg)
+            raise InputError(msg)
         if positions.size and (positions.min() < 0 or positions.max() >= self.n_obs):
             msg = (
                 f"{self.path}: a cell table points at row {int(positions.max())} (or a negative "
                 f"row) of a matrix with {self.n_obs} rows: the table and the matrix do not "
                 "belong together. Rerun the stages after convert_genes (`dvc repro`)."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         self.positions = positions
         self.n_stored = self.n_obs
         self.n_obs = int(positions.size)
@@ -327,7 +332,7 @@ class SelectedRows(H5adRows):
         """``(start, end)`` bounds of consecutive chunks of at most ``chunk_size`` rows."""
         if chunk_size < 1:
             msg = f"chunk_size={chunk_size}: must be at least 1 (params.yaml: compute.chunk_size)."
-            raise ValueError(msg)
+            raise InputError(msg)
         for start in range(0, self.n_obs, chunk_size):
             yield start, min(start + chunk_size, self.n_obs)
 
@@ -372,7 +377,7 @@ class CsrAppender:
         """Append the rows of ``matrix`` (canonical CSR with ``n_vars`` columns)."""
         if matrix.shape[1] != self.n_vars:
             msg = f"appending {matrix.shape[1]} columns to a matrix of {self.n_vars}."
-            raise ValueError(msg)
+            raise InputError(msg)
         for pending, values, column in zip(
             self._pending, (matrix.data, matrix.indices), self._columns, strict=True
         ):
@@ -461,7 +466,7 @@ class StreamedH5ad:
                 f"streamed_h5ad: obs/var sizes {len(self.obs)} x {len(self.var)} do not match X "
                 f"{self.appender.n_obs} x {self.appender.n_vars}."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         self.appender.close()
         handle = self._handle
         handle.attrs["encoding-type"] = "anndata"
@@ -481,7 +486,7 @@ def write_cells(table: pd.DataFrame, path: str | Path) -> None:
     """Write a cell table (index: cell id) as Parquet, atomically; dtypes are kept."""
     if MATRIX_ROW not in table.columns:
         msg = f"{path}: a cell table needs the column {MATRIX_ROW!r} (the cell's matrix row)."
-        raise ValueError(msg)
+        raise InputError(msg)
     with atomic_output(path) as tmp:
         table.to_parquet(tmp, engine="pyarrow", index=True, compression="zstd")
 
@@ -491,13 +496,13 @@ def read_cells(path: str | Path, *, what: str = "cell table") -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         msg = f"{path}: {what} not found. Run the stage that writes it (`dvc repro`) or check paths in params.yaml."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     table = pd.read_parquet(path, engine="pyarrow")
     if MATRIX_ROW not in table.columns:
         msg = (
             f"{path}: not a cell table (no column {MATRIX_ROW!r}); rerun the stage that writes it."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return table
 
 
@@ -508,19 +513,14 @@ def cell_rows(table: pd.DataFrame, matrix: str | Path) -> SelectedRows:
 
 def read_obs(path: str | Path) -> pd.DataFrame:
     """``obs`` of an h5ad, read without touching ``X``."""
-    import h5py
-    from anndata.io import read_elem
-
-    _check_h5ad(path)
-    with h5py.File(path, "r") as fh:
-        return read_elem(fh["obs"])
+    return _read_elements(path, ("obs",))[0]
 
 
 def cell_table(obs: pd.DataFrame, mask: np.ndarray) -> pd.DataFrame:
     """The cell table of the matrix rows selected by boolean ``mask``: their obs and rows."""
     if MATRIX_ROW in obs.columns:
         msg = f"obs has a column {MATRIX_ROW!r}, a name the pipeline keeps for matrix rows; rename it."
-        raise ValueError(msg)
+        raise InputError(msg)
     table = obs[mask].copy()
     table[MATRIX_ROW] = np.flatnonzero(mask).astype(np.int64)
     return table

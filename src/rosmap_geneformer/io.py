@@ -7,13 +7,16 @@ DVC could cache.
 
 from __future__ import annotations
 
+import bz2
 import contextlib
 import glob
+import gzip
 import json
 import logging
+import lzma
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +25,19 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from rosmap_geneformer.errors import InputError, MissingInputError
+
 logger = logging.getLogger(__name__)
 
 # Genes checked per block when validating that X holds raw counts.
 _CHECK_ROWS = 4096
+# The first bytes of a Git LFS pointer file (what a clone without `git lfs pull` holds).
+LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/v1"
+# How each delimiter is named in messages.
+_DELIMITERS = {"\t": "tab-separated (TSV)", ",": "comma-separated (CSV)"}
+# Compression suffixes pandas reads by itself, and how to open them for a look at the header.
+_COMPRESSED: dict[str, Callable[..., Any]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_MISSING_HINT = "Run the stage that writes it (`dvc repro`) or check paths in params.yaml."
 
 
 @contextlib.contextmanager
@@ -137,16 +149,240 @@ def write_h5ad(adata: ad.AnnData, path: str | Path) -> None:
 
 
 def read_h5ad(path: str | Path, *, backed: bool = False) -> ad.AnnData:
-    """Read an AnnData, with an error that says which stage makes the file when it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        msg = f"{path}: file not found. Run the stage that writes it (`dvc repro`) or check paths in params.yaml."
-        raise FileNotFoundError(msg)
+    """Read an AnnData; a missing, empty, truncated or LFS-pointer file is refused by name."""
+    path = check_h5ad_file(path)
     return ad.read_h5ad(path, backed="r" if backed else None)
 
 
+# --------------------------------------------------------------------------------------------
+# Recognising what a file holds before parsing it
+# --------------------------------------------------------------------------------------------
+def check_input_file(path: str | Path, *, what: str, hint: str = _MISSING_HINT) -> Path:
+    """Refuse a file that is missing, empty (0 bytes) or a Git LFS pointer.
+
+    Parameters
+    ----------
+    path
+        The file.
+    what
+        What the file should hold, for messages (``"donor metadata"``).
+    hint
+        How to get the file when it is missing.
+
+    Returns
+    -------
+    ``path`` as a :class:`~pathlib.Path`.
+
+    Raises
+    ------
+    MissingInputError
+        When there is no such file.
+    InputError
+        When it is empty or an LFS pointer.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: {what} file not found. {hint}"
+        raise MissingInputError(msg)
+    if path.stat().st_size == 0:
+        msg = f"{path}: the {what} file is empty (0 bytes); re-create it or fetch it (`dvc pull`)."
+        raise InputError(msg)
+    check_not_lfs_pointer(path, what=what)
+    return path
+
+
+def check_not_lfs_pointer(path: str | Path, *, what: str) -> None:
+    """Refuse a Git LFS pointer (a small text file standing in for the data it names)."""
+    with Path(path).open("rb") as fh:
+        head = fh.read(len(LFS_POINTER_PREFIX))
+    if head == LFS_POINTER_PREFIX:
+        msg = (
+            f"{path} is a Git LFS pointer, not the {what}; run `git lfs pull` (or `dvc pull`) "
+            "to fetch the data."
+        )
+        raise InputError(msg)
+
+
+def check_h5ad_file(path: str | Path, *, what: str = "h5ad", hint: str = _MISSING_HINT) -> Path:
+    """Refuse a file that is not a readable HDF5 ``.h5ad``: missing, empty, LFS pointer, other
+    format, or truncated (the file is opened once with h5py to find out).
+
+    Returns
+    -------
+    ``path`` as a :class:`~pathlib.Path`.
+    """
+    with open_h5ad(path, what=what, hint=hint):
+        return Path(path)
+
+
+@contextlib.contextmanager
+def open_h5ad(path: str | Path, *, what: str = "h5ad", hint: str = _MISSING_HINT) -> Iterator[Any]:
+    """Open an ``.h5ad`` with h5py for reading, after :func:`check_input_file`.
+
+    A file that is not HDF5, or that h5py cannot open (truncated, damaged), is refused with an
+    :class:`InputError` naming it; errors raised inside the block pass unchanged.
+    """
+    import h5py
+
+    path = check_input_file(path, what=what, hint=hint)
+    if not h5py.is_hdf5(path):
+        with path.open("rb") as fh:
+            head = fh.read(16)
+        reason = f"not HDF5, it starts with {head!r}"
+        msg = f"{path}: not a readable .h5ad ({reason}); re-create it or `dvc pull`."
+        raise InputError(msg)
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as err:
+        msg = (
+            f"{path}: not a readable .h5ad (truncated or not HDF5: {_short_reason(err)}); "
+            "re-create it or `dvc pull`."
+        )
+        raise InputError(msg) from err
+    with handle:
+        yield handle
+
+
+def _short_reason(error: BaseException) -> str:
+    """h5py's reason in brackets (``truncated file: eof = ...``), else the whole message."""
+    text = str(error)
+    if "(" in text and text.endswith(")"):
+        text = text[text.index("(") + 1 : -1]
+    return text[:160]
+
+
+def check_matrix_shape(n_obs: int, n_vars: int, *, source: str | Path) -> None:
+    """Refuse a count matrix without cells or without genes, naming the file and the shape."""
+    if n_obs == 0 or n_vars == 0:
+        empty = "cells" if n_obs == 0 else "genes"
+        msg = (
+            f"{source}: the count matrix has no {empty} ({n_obs} cells x {n_vars} genes); "
+            "re-export the counts with cells in rows and genes in columns, or `dvc pull`."
+        )
+        raise InputError(msg)
+
+
+def delimiter_of(path: str | Path) -> str:
+    """The delimiter a table's name implies: ``,`` for ``.csv`` (also ``.csv.gz``), else a tab."""
+    suffixes = [s for s in Path(path).suffixes if s.lower() not in (*_COMPRESSED, ".zip")]
+    return "," if suffixes and suffixes[-1].lower() == ".csv" else "\t"
+
+
+def _header_line(path: Path) -> str | None:
+    """The first line of a (possibly compressed) text file; ``None`` when it cannot be peeked."""
+    opener = _COMPRESSED.get(path.suffix.lower(), open)
+    if path.suffix.lower() == ".zip":
+        return None
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+            return fh.readline(65_536).rstrip("\r\n")
+    except (OSError, EOFError, lzma.LZMAError):
+        return None
+
+
+def check_delimiter(path: str | Path, *, sep: str, what: str, by_name: bool = True) -> None:
+    """Refuse a table whose header is split by the other delimiter (a CSV read as TSV, ...).
+
+    ``by_name`` says that the delimiter follows the file's name (:func:`delimiter_of`), so
+    renaming the file is offered as a fix too.
+
+    Raises
+    ------
+    InputError
+        Naming the file, what it looks like, what is expected and how to convert it.
+    """
+    if sep not in _DELIMITERS:
+        return
+    path = Path(path)
+    header = _header_line(path)
+    other = "," if sep == "\t" else "\t"
+    if not header or sep in header or other not in header:
+        return
+    shown = header if len(header) <= 60 else f"{header[:57]}..."
+    if sep == "\t":
+        fix = "save it tab-separated (pandas: pd.read_csv(f, dtype=str).to_csv(f, sep='\\t', "
+        fix += "index=False))"
+        rename = ".csv"
+    else:
+        fix, rename = "save it comma-separated", ".tsv"
+    if by_name:
+        fix += f", or name it {rename} and set that name in params.yaml"
+    msg = (
+        f"{path}: looks {_DELIMITERS[other]} (header {shown!r}), but the {what} is read as "
+        f"{_DELIMITERS[sep]}; {fix}."
+    )
+    raise InputError(msg)
+
+
+def read_delimited(
+    path: str | Path, *, what: str, sep: str | None = None, **options: Any
+) -> pd.DataFrame:
+    """Parse a delimited text table after checking what the file holds.
+
+    Refuses a missing or empty file, a Git LFS pointer, a table written with the other delimiter
+    (:func:`check_delimiter`), and text pandas cannot parse, each with the file's name.
+
+    Parameters
+    ----------
+    path
+        The table (``.tsv``, ``.txt``, ``.csv``, optionally compressed).
+    what
+        What the table is, for messages.
+    sep
+        The delimiter; by default from the name (:func:`delimiter_of`).
+    **options
+        Passed to :func:`pandas.read_csv`.
+    """
+    path = check_input_file(path, what=what, hint="Check the paths in params.yaml (paths, raw).")
+    by_name = sep is None
+    sep = delimiter_of(path) if sep is None else sep
+    check_delimiter(path, sep=sep, what=what, by_name=by_name)
+    try:
+        return pd.read_csv(path, sep=sep, **options)
+    except pd.errors.EmptyDataError as err:
+        msg = f"{path}: the {what} file has no header and no rows; re-create it or `dvc pull`."
+        raise InputError(msg) from err
+    except pd.errors.ParserError as err:
+        msg = (
+            f"{path}: cannot read the {what} as {_DELIMITERS.get(sep, repr(sep))} text "
+            f"({str(err).strip()}); fix that line."
+        )
+        raise InputError(msg) from err
+    except UnicodeDecodeError as err:
+        msg = (
+            f"{path}: the {what} is not UTF-8 text ({err.reason} at byte {err.start}); is it a "
+            "binary or compressed file under a text name? Save it as UTF-8 text."
+        )
+        raise InputError(msg) from err
+
+
+def check_ids(
+    frame: pd.DataFrame, columns: Iterable[str], *, source: str | Path, what: str
+) -> None:
+    """Refuse missing or blank values in id columns (library, donor, cell), counting them.
+
+    Rows are numbered as lines of the file (the header is line 1).
+    """
+    for column in columns:
+        values = frame[column]
+        blank = values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy()
+        if blank.any():
+            lines = [int(i) + 2 for i in blank.nonzero()[0][:5]]
+            msg = (
+                f"{source}: column {column!r} of the {what} is empty in {int(blank.sum())} of "
+                f"{len(frame)} row(s) (file lines {lines}); every row needs an id there: fill "
+                "them in or delete those rows."
+            )
+            raise InputError(msg)
+
+
 def read_table(
-    path: str | Path, *, required: Sequence[str], what: str, dtype: Any = None
+    path: str | Path,
+    *,
+    required: Sequence[str],
+    what: str,
+    dtype: Any = None,
+    ids: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Read a TSV (or CSV, by suffix) and check that the required columns exist.
 
@@ -160,20 +396,32 @@ def read_table(
         What the table is, for error messages (``"donor metadata"``).
     dtype
         Passed to :func:`pandas.read_csv`.
+    ids
+        Id columns (donor, library, cell): read as strings, so that ``00000001`` stays
+        ``"00000001"``, and refused when a row has none (:func:`check_ids`). They are also
+        required.
+
+    Raises
+    ------
+    MissingInputError
+        When the file does not exist.
+    InputError
+        When it is empty, an LFS pointer, written with the other delimiter, lacks a required
+        column or has a row without an id.
     """
     path = Path(path)
-    if not path.is_file():
-        msg = f"{path}: {what} file not found. Check the paths in params.yaml (paths, raw)."
-        raise FileNotFoundError(msg)
-    sep = "," if path.suffix == ".csv" else "\t"
-    frame = pd.read_csv(path, sep=sep, dtype=dtype, keep_default_na=True)
-    missing = [c for c in required if c not in frame.columns]
+    if ids and (dtype is None or isinstance(dtype, Mapping)):
+        dtype = {**(dtype or {}), **dict.fromkeys(ids, str)}
+    frame = read_delimited(path, what=what, dtype=dtype, keep_default_na=True)
+    missing = [c for c in (*required, *ids) if c not in frame.columns]
     if missing:
         msg = (
-            f"{path}: {what} lacks column(s) {missing}; it has {list(frame.columns)}. "
-            "Rename the column in the file or set its name under data.columns in params.yaml."
+            f"{path}: {what} lacks column(s) {list(dict.fromkeys(missing))}; it has "
+            f"{list(frame.columns)}. Rename the column in the file or set its name under "
+            "data.columns in params.yaml."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
+    check_ids(frame, ids, source=path, what=what)
     return frame
 
 
@@ -190,7 +438,7 @@ def read_dataset(path: str | Path) -> Any:
     path = Path(path)
     if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
         msg = f"{path}: not a saved dataset. Run the stage that writes it (`dvc repro`)."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     datasets.disable_caching()
     return datasets.load_from_disk(str(path))
 
@@ -227,13 +475,13 @@ def check_raw_values(block: Any, *, source: str | Path) -> None:
         return
     if not np.all(np.isfinite(values)):
         msg = f"{source}: X contains NaN or infinite values. Provide raw integer UMI counts in X."
-        raise ValueError(msg)
+        raise InputError(msg)
     if values.min() < 0:
         msg = (
             f"{source}: X has negative values (min {values.min():g}); it looks scaled or "
             "centred. Provide raw integer UMI counts in X (e.g. from layers['counts'] or .raw)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     fractional = values[values != np.round(values)]
     if fractional.size:
         msg = (
@@ -241,7 +489,7 @@ def check_raw_values(block: Any, *, source: str | Path) -> None:
             "normalised or log-transformed. Geneformer ranks raw counts: put raw integer UMI "
             "counts in X (e.g. from layers['counts'] or .raw) and rerun."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
 
 
 def check_unique_obs_names(adata: ad.AnnData | pd.Index, *, source: str | Path) -> None:
@@ -253,7 +501,7 @@ def check_unique_obs_names(adata: ad.AnnData | pd.Index, *, source: str | Path) 
             f"{source}: {len(dups)} duplicate cell name(s) in obs_names, e.g. {list(dups[:5])}. "
             "Cell names must be unique (`<library>_<barcode>-1`); prefix barcodes with their library."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
 
 
 def check_obs_columns(adata: ad.AnnData, columns: Iterable[str], *, source: str | Path) -> None:
@@ -264,4 +512,4 @@ def check_obs_columns(adata: ad.AnnData, columns: Iterable[str], *, source: str 
             f"{source}: obs lacks column(s) {missing}; it has {list(adata.obs.columns)}. "
             "Add the column, or set its name under data.columns in params.yaml."
         )
-        raise ValueError(msg)
+        raise InputError(msg)

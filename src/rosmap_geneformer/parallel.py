@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from rosmap_geneformer.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -40,7 +42,7 @@ def resolve_workers(workers: int | str) -> int:
         return available_cpus()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         msg = f"params.yaml: compute.workers={workers!r}; use a positive integer or 'auto'."
-        raise ValueError(msg)
+        raise InputError(msg)
     return workers
 
 

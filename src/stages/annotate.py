@@ -11,6 +11,7 @@ from pathlib import Path
 from rosmap_geneformer import counts, io
 from rosmap_geneformer.data import metadata
 from rosmap_geneformer.data.qc import QC_FATE_COLUMNS
+from rosmap_geneformer.errors import InputError, run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import raw_paths, stage_arguments
 
@@ -26,13 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     missing = [c for c in ("patient_id", "kept") if c not in qc_cells.columns]
     if missing:
         msg = f"{in_path}: the QC cell table lacks column(s) {missing}; rerun `dvc repro qc@{args.split}`."
-        raise ValueError(msg)
+        raise InputError(msg)
     kept = qc_cells[qc_cells["kept"].to_numpy(dtype=bool)].drop(columns=list(QC_FATE_COLUMNS))
     annotation = io.read_table(
         raw["cell_annotation"],
         required=[columns["cell"], columns["cell_type"]],
         what="cell annotation",
-        dtype={columns["cell"]: str},
+        ids=[columns["cell"]],
     )
     donors = metadata.load_donors(raw["individual_metadata"], subject_col=columns["subject"])
     metadata.check_donors_known(
@@ -45,7 +46,12 @@ def main(argv: list[str] | None = None) -> None:
         source=raw["individual_metadata"],
     )
     annotated, report = metadata.annotate_cells(
-        kept, annotation=annotation, donors=donors, labels=labels, columns=columns
+        kept,
+        annotation=annotation,
+        donors=donors,
+        labels=labels,
+        columns=columns,
+        losses=params.losses,
     )
     if annotated.empty:
         msg = (
@@ -53,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{raw['cell_annotation']} (column {columns['cell']!r}) and an AD label. Check that "
             "cell names match obs_names and labels.ad_definition."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     counts.write_cells(annotated, Path(params.paths.annotated) / f"{args.split}.parquet")
     io.write_json(report, Path(params.paths.reports) / "annotate" / f"{args.split}.json")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rosmap_geneformer import io
+from rosmap_geneformer.errors import InputError, MissingInputError, run_stage
 from rosmap_geneformer.geneformer.dictionaries import (
     GENE_MEDIAN_DICTIONARY_FILE,
     TOKEN_DICTIONARY_FILE,
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     train_path = Path(params.paths.tokenized) / "train.dataset"
     if not train_path.is_dir():
         msg = f"{train_path}: tokenized train dataset not found. Run `dvc repro tokenize@train`."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     train = io.read_dataset(train_path)
     model_input_size = params.tokenize.model_input_size
     settings = PretrainSettings.from_params(params.base_model.pretrain.values())
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
             "params.yaml: base_model.source is 'checkpoint' but base_model.checkpoint is empty; "
             "set it to a local Geneformer checkpoint folder (e.g. models/Geneformer-V1-10M)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     import_checkpoint(
         checkpoint,
         output_dir=output_dir,
@@ -92,4 +93,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

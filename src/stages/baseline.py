@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rosmap_geneformer.analysis import baselines
 from rosmap_geneformer.analysis.evaluation.evaluate import write_evaluation
+from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import SPLITS, stage_arguments
 from rosmap_geneformer.training.tasks import TaskSpec
@@ -22,7 +23,11 @@ logger = logging.getLogger("stage.baseline")
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
-    task = TaskSpec.from_params(args.task, params.tasks[args.task].values())
+    task = TaskSpec.from_params(
+        args.task,
+        params.tasks[args.task].values(),
+        rare_class_limit=params.losses.rare_class_cells,
+    )
     hyper = baselines.BaselineParams.from_params(params.baseline.values())
 
     sampled = Path(params.paths.sampled)
@@ -52,4 +57,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

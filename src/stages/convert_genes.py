@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rosmap_geneformer.data import convert_genes, gene_map
+from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import raw_paths, stage_arguments
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_key=params.data.columns.batch,
         chunk_size=params.compute.chunk_size,
         gene_map_source=gene_map_path,
+        losses=params.losses,
     )
     convert_genes.write_conversion(
         result, h5ad=None, report=reports / "mapping.json", lost=reports / "lost_genes.tsv"
@@ -35,4 +37,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from rosmap_geneformer import io
 from rosmap_geneformer.data.demo.dataset import generate_demo_from_params, write_demo
+from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import stage_arguments
 
@@ -27,4 +28,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 from rosmap_geneformer import counts, io
+from rosmap_geneformer.errors import InputError, run_stage
 from rosmap_geneformer.geneformer.dictionaries import (
     GENE_MEDIAN_DICTIONARY_FILE,
     TOKEN_DICTIONARY_FILE,
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{token_path}: tokenize.special_tokens is true but this is a V1 dictionary "
                 "(no <cls>/<eos>). Use the V2 (gc104M) pair or set tokenize.special_tokens: false."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         with io.atomic_output(out_dir) as tmp:
             tmp.mkdir()
             # Byte copies: the files stay identical to Geneformer's.
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
         report["gene_median_dictionary"] = median_path.as_posix()
     else:
         msg = f"params.yaml: dictionaries.source={source!r}; use one of {SOURCES}."
-        raise ValueError(msg)
+        raise InputError(msg)
     report.update(
         {
             "layout": dictionaries.layout,
@@ -74,4 +75,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

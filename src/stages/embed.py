@@ -19,6 +19,7 @@ import pandas as pd
 
 from rosmap_geneformer import counts, io
 from rosmap_geneformer.analysis import baselines, embedding_report, embeddings
+from rosmap_geneformer.errors import InputError, MissingInputError, run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import stage_arguments
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(path) for path in models.values() if not path.is_dir()]
     if missing:
         msg = f"embed: model folder(s) {missing} not found; run base_model and train first."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
 
     test_path = Path(params.paths.tokenized) / "test.dataset"
     test = io.read_dataset(test_path)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         msg = (
             f"{test_path}: lacks column(s) {absent}; rerun tokenize with them in tokenize.columns."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     rows = embedding_report.subsample(len(test), settings.max_cells, seed=seed)
     if len(rows) < len(test):
         logger.info("embedding a seeded subsample of %d of %d test cells", len(rows), len(test))
@@ -135,4 +136,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

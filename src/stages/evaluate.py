@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rosmap_geneformer import io
 from rosmap_geneformer.analysis.evaluation.evaluate import evaluate_predictions, write_evaluation
+from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import stage_arguments
 from rosmap_geneformer.training import finetune
@@ -25,7 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     classes = mapping["classes"]
 
     test_path = Path(params.paths.tokenized) / "test.dataset"
-    test, other_types = select_cells(io.read_dataset(test_path), task, source=str(test_path))
+    warnings: list[dict] = []
+    test, other_types = select_cells(
+        io.read_dataset(test_path), task, source=str(test_path), warnings=warnings
+    )
     n_selected = len(test)
     test = encode_labels(test, task, classes)
     probabilities = finetune.predict(model_dir, test, batch_size=params.train.eval_batch_size)
@@ -45,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
         "unseen_class": n_selected - len(test),
         "evaluated": len(test),
     }
+    if warnings:
+        result.details["warnings"] = warnings
     write_evaluation(
         result,
         out_dir,
@@ -55,4 +61,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

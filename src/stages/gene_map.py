@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rosmap_geneformer.data.gene_map import make_gene_map, write_gene_map
+from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import stage_arguments
 
@@ -19,4 +20,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

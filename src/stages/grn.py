@@ -16,9 +16,10 @@ from rosmap_geneformer.analysis import embeddings
 from rosmap_geneformer.analysis.grn import network
 from rosmap_geneformer.analysis.grn.stage import GRNSettings, grn_dataset, metrics_summary
 from rosmap_geneformer.analysis.perturbation.screen import token_annotation
+from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import stage_arguments
+from rosmap_geneformer.params import check_demo_only, stage_arguments
 
 logger = logging.getLogger("stage.grn")
 
@@ -26,12 +27,15 @@ logger = logging.getLogger("stage.grn")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
+    # Real data must not be scored against the demo's planted network with its regulators.
+    check_demo_only(params, ["grn"])
     settings = GRNSettings.from_params(params.grn.values())
     seed = params.seed
     torch.manual_seed(seed)
 
     model_dir = Path(settings.model)
-    dataset = io.read_dataset(Path(params.paths.tokenized) / f"{settings.split}.dataset")
+    dataset_path = Path(params.paths.tokenized) / f"{settings.split}.dataset"
+    dataset = io.read_dataset(dataset_path)
     with (Path(params.paths.dictionaries) / TOKEN_DICTIONARY_FILE).open("rb") as fh:
         token_dictionary = pickle.load(fh)
     matrix = Path(params.paths.ensembl)
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         special_tokens=special_tokens,
         pad_token_id=int(token_dictionary[PAD]),
         seed=seed,
+        source=dataset_path.as_posix(),
     )
     summary["model"] = str(model_dir)
 
@@ -80,4 +85,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -18,9 +18,10 @@ from rosmap_geneformer.analysis.perturbation.screen import (
     plot_top_genes,
     token_annotation,
 )
+from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
 from rosmap_geneformer.logs import setup_logging
-from rosmap_geneformer.params import stage_arguments
+from rosmap_geneformer.params import check_names, stage_arguments
 
 logger = logging.getLogger("stage.perturb")
 
@@ -29,11 +30,20 @@ def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
     settings = PerturbSettings.from_params(params.perturb.values())
+    if params.tasks is not None:
+        check_names(
+            [settings.task],
+            params.tasks,
+            key="perturb.task",
+            what="task",
+            source="params.yaml tasks",
+        )
     seed = params.seed
     torch.manual_seed(seed)
 
     model_dir = Path(params.paths.finetuned) / settings.task
-    dataset = io.read_dataset(Path(params.paths.tokenized) / f"{settings.split}.dataset")
+    dataset_path = Path(params.paths.tokenized) / f"{settings.split}.dataset"
+    dataset = io.read_dataset(dataset_path)
     with (Path(params.paths.dictionaries) / TOKEN_DICTIONARY_FILE).open("rb") as fh:
         token_dictionary = pickle.load(fh)
     var = counts.read_var(params.paths.ensembl)
@@ -51,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         special_tokens=special_tokens,
         pad_token_id=int(token_dictionary[PAD]),
         seed=seed,
+        source=dataset_path.as_posix(),
     )
     summary["model"] = str(model_dir)
     summary["special_tokens"] = special_tokens
@@ -71,4 +82,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -13,6 +13,7 @@ from pathlib import Path
 from rosmap_geneformer import counts
 from rosmap_geneformer.data import qc
 from rosmap_geneformer.data.qc_report import write_reports
+from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.parallel import resolve_workers
 from rosmap_geneformer.params import stage_arguments
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         source=source,
         workers=resolve_workers(params.compute.workers),
         scheduler=params.compute.scheduler,
+        losses=params.losses,
     )
     write_reports(
         result,
@@ -45,4 +47,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -12,6 +12,7 @@ from pathlib import Path
 from rosmap_geneformer import counts, io
 from rosmap_geneformer.data.metadata import count_values
 from rosmap_geneformer.data.sampling import split_rng, undersample
+from rosmap_geneformer.errors import InputError, run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import SPLITS, stage_arguments
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sampled_splits - set(SPLITS)
     if unknown:
         msg = f"params.yaml: sample.splits names {sorted(unknown)}; use some of {list(SPLITS)}."
-        raise ValueError(msg)
+        raise InputError(msg)
 
     report: dict = {}
     with io.atomic_output(out_dir) as tmp_dir:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
             missing = [c for c in ("patient_id", "cell_type") if c not in cells.columns]
             if missing:
                 msg = f"{path}: the annotated cell table lacks column(s) {missing}; rerun `dvc repro annotate@{split}`."
-                raise ValueError(msg)
+                raise InputError(msg)
             if split in sampled_splits:
                 kept = undersample(
                     cells,
@@ -62,4 +63,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -14,6 +14,7 @@ import numpy as np
 from rosmap_geneformer import counts, io
 from rosmap_geneformer.data import metadata
 from rosmap_geneformer.data.split import split_patients
+from rosmap_geneformer.errors import InputError, run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import SPLITS, raw_paths, stage_arguments
 
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         balance=params.split.balance or (),
         max_trials=params.split.max_trials,
         seed=params.seed,
+        min_donors_per_class=params.split.min_donors_per_class,
+        source=str(raw["individual_metadata"]),
     )
 
     cell_split = patients.map(result.split_of()).to_numpy()
@@ -62,13 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     report: dict = {"patients_total": len(donors), "cells_total": len(obs)}
     report["balance_pvalues"] = result.balance_pvalues
     report["balance_trial"] = result.trial
+    # Read by the HTML report and `rosmap-geneformer summary`.
+    report["warnings"] = result.warnings
     with io.atomic_output(out_dir) as tmp_dir:
         tmp_dir.mkdir()
         for split in SPLITS:
             mask = cell_split == split
             if not mask.any():
                 msg = f"split {split!r} is empty: no cells from its donors {result.patients[split]} in {counts_path}."
-                raise ValueError(msg)
+                raise InputError(msg)
             table = counts.cell_table(obs, mask)
             table["patient_id"] = patients[mask].astype("category")
             counts.write_cells(table, tmp_dir / f"{split}.parquet")
@@ -88,4 +93,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rosmap_geneformer import counts, io
+from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.geneformer.dictionaries import (
     GENE_MEDIAN_DICTIONARY_FILE,
     TOKEN_DICTIONARY_FILE,
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         columns=list(params.tokenize.columns),
         chunk_size=params.tokenize.chunk_size,
         nproc=default_nproc() if nproc == "auto" else int(nproc),
+        losses=params.losses,
     )
     report["split"] = args.split
     report["dictionary_layout"] = dictionaries.layout
@@ -47,4 +49,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rosmap_geneformer import io
+from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import stage_arguments
 from rosmap_geneformer.training import finetune
@@ -20,7 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
     task_params = params.tasks[args.task].values()
-    task = TaskSpec.from_params(args.task, task_params)
+    task = TaskSpec.from_params(
+        args.task, task_params, rare_class_limit=params.losses.rare_class_cells
+    )
     hyper = finetune.Hyperparameters.from_params(params.train.values())
     seed = params.seed
 
@@ -50,4 +53,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -29,6 +29,7 @@ import torch
 import transformers
 
 from rosmap_geneformer import io
+from rosmap_geneformer.errors import InputError, MissingInputError, run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import DEFAULT_PARAMS, read_params
 from rosmap_geneformer.training import finetune, trainer
@@ -43,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="parameter file")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a refusal")
     parser.add_argument("--task", help="a key of params.yaml: tasks (default: tune.task)")
     parser.add_argument("--worker", action="store_true", help="only join the study and run trials")
     parser.add_argument(
@@ -72,14 +74,16 @@ def main(argv: list[str] | None = None) -> None:
     tasks = {name: task.values() for name, task in params.section("tasks").items()}
     if task_name not in tasks:
         msg = f"params.yaml: no task {task_name!r} under tasks; known: {sorted(tasks)}."
-        raise ValueError(msg)
+        raise InputError(msg)
     tune["task"] = task_name
-    task = training_tasks.TaskSpec.from_params(task_name, tasks[task_name])
+    task = training_tasks.TaskSpec.from_params(
+        task_name, tasks[task_name], rare_class_limit=params.losses.rare_class_cells
+    )
     base_model = Path(params.paths.base_model)
     config = base_model / "config.json"
     if not config.is_file():
         msg = f"{config}: no base model; run the base_model stage (`dvc repro base_model`)."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     fixed = space.fixed_hyperparameters(params.section("train").values())
     # Every search-space error surfaces here, before any data is read or model trained.
     settings = space.TuneSettings.from_params(
@@ -162,4 +166,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

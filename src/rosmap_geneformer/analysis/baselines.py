@@ -43,6 +43,7 @@ from scipy import sparse
 from rosmap_geneformer import io
 from rosmap_geneformer.analysis.evaluation import cell_level, evaluate
 from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_cells
+from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.training import tasks
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class BaselineParams:
         unknown = sorted(set(values) - known)
         if unknown:
             msg = f"params.yaml: baseline has unknown key(s) {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
+            raise InputError(msg)
         spec = dict(values)
         if "C" in spec and not isinstance(spec["C"], list | tuple):
             spec["C"] = [spec["C"]]
@@ -118,7 +119,7 @@ class BaselineParams:
                 "(n_top_genes >= 1, n_components >= 1 or null, C > 0, 0 <= l1_ratio <= 1, "
                 "class_weight balanced or null)."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         return hyper
 
 
@@ -136,7 +137,7 @@ def load_cells(path: str | Path) -> datasets.Dataset:
             f"{path}: the tokenized dataset lacks column(s) {missing} (has "
             f"{dataset.column_names}); rerun the tokenize stage with them in tokenize.columns."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return dataset.select_columns(list(META_COLUMNS))
 
 
@@ -161,7 +162,7 @@ def cell_positions(names: pd.Index, cell_ids: Sequence[str], *, source: str | Pa
     if not names.is_unique:
         dups = names[names.duplicated()].unique()
         msg = f"{source}: {len(dups)} duplicate cell name(s), e.g. {list(dups[:5])}; rerun `dvc repro`."
-        raise ValueError(msg)
+        raise InputError(msg)
     positions = names.get_indexer(pd.Index([str(c) for c in cell_ids]))
     missing = np.flatnonzero(positions < 0)
     if len(missing):
@@ -171,7 +172,7 @@ def cell_positions(names: pd.Index, cell_ids: Sequence[str], *, source: str | Pa
             f"e.g. {examples}; the sampled and tokenized files are out of date with each other "
             "(rerun `dvc repro`)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return positions
 
 
@@ -250,7 +251,7 @@ class FeatureMap:
         genes = highly_variable_genes(log_counts, n_top_genes=n_top_genes)
         if len(genes) == 0:
             msg = "baseline: no gene is expressed in the training cells; check the sampled split."
-            raise ValueError(msg)
+            raise InputError(msg)
         dense = _dense(log_counts, genes)
         mean = dense.mean(axis=0)
         std = dense.std(axis=0)
@@ -271,7 +272,7 @@ class FeatureMap:
                 )
             if used < 1:
                 msg = f"baseline: too few training cells or genes for PCA ({scaled.shape})."
-                raise ValueError(msg)
+                raise InputError(msg)
             # Exact (eigendecomposition of the gene covariance, genes x genes): no random start,
             # and much faster than a full SVD when cells outnumber the genes.
             features.pca = PCA(n_components=used, svd_solver="covariance_eigh", random_state=seed)
@@ -392,7 +393,7 @@ def fit_baseline(
     missing = sorted(set(range(k)) - set(np.unique(train_labels).tolist()))
     if missing:
         msg = f"task {task.name}: train has no cell of class(es) {[classes[i] for i in missing]}."
-        raise ValueError(msg)
+        raise InputError(msg)
     features = FeatureMap.fit(
         train_log, n_top_genes=hyper.n_top_genes, n_components=hyper.n_components, seed=seed
     )
@@ -420,7 +421,7 @@ def fit_baseline(
                     f"task {task.name}: val {task.early_stopping_metric} is undefined (val lacks "
                     "a class); C cannot be chosen. Give baseline.C a single value."
                 )
-                raise ValueError(msg)
+                raise InputError(msg)
             score = -math.inf
         # Higher score wins; ties go to the lower log-loss, then to the smaller C (grid order).
         if best is None or (score, -loss) > (best[0], -best[1]):
@@ -495,7 +496,7 @@ def run_baseline(
     missing = [s for s in ("train", "val", "test") if s not in splits]
     if missing:
         msg = f"run_baseline: no input for split(s) {missing}."
-        raise ValueError(msg)
+        raise InputError(msg)
     cells = {name: load_cells(splits[name].tokenized) for name in ("train", "val", "test")}
     prepared = tasks.prepare_task(cells["train"], cells["val"], task)
     classes = prepared.classes

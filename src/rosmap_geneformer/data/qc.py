@@ -39,8 +39,10 @@ from threadpoolctl import threadpool_limits
 from rosmap_geneformer import io
 from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_var
 from rosmap_geneformer.data.doublets import SCORE_BINS, run_scrublet, scrublet_parts
+from rosmap_geneformer.errors import InputError
+from rosmap_geneformer.losses import check_loss
 from rosmap_geneformer.parallel import ordered_map
-from rosmap_geneformer.params_schema import QC
+from rosmap_geneformer.params_schema import QC, Losses
 
 logger = logging.getLogger(__name__)
 
@@ -108,23 +110,23 @@ class QCSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_pct_mito <= 100.0:
             msg = f"params.yaml: qc.max_pct_mito must be a percentage in [0, 100], got {self.max_pct_mito}."
-            raise ValueError(msg)
+            raise InputError(msg)
         if not 0.0 < self.expected_doublet_rate < 1.0:
             msg = (
                 "params.yaml: qc.scrublet.expected_doublet_rate must be in (0, 1), got "
                 f"{self.expected_doublet_rate}."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         if self.n_prin_comps < 2:
             msg = f"params.yaml: qc.scrublet.n_prin_comps must be >= 2, got {self.n_prin_comps}."
-            raise ValueError(msg)
+            raise InputError(msg)
         floor = max(self.min_cells_per_library, self.n_prin_comps + 1)
         if self.max_cells_per_run is not None and self.max_cells_per_run < 2 * floor:
             msg = (
                 f"params.yaml: qc.scrublet.max_cells_per_run={self.max_cells_per_run} must be at "
                 f"least twice qc.scrublet.min_cells_per_library ({2 * floor}), or null."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
 
     @classmethod
     def from_params(cls, section: QC, *, seed: int) -> QCSettings:
@@ -368,7 +370,7 @@ def _library_ids(column: pd.Series, *, source: Path, batch_key: str) -> list[str
             f"{source}: {int(column.isna().sum())} cell(s) have no library id in obs[{batch_key!r}]. "
             "Every cell needs its library (data.columns.batch) for per-library QC; fill the column."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return sorted(pd.unique(column.astype(str)))
 
 
@@ -417,6 +419,7 @@ def run_qc(
     source: str | Path | None = None,
     workers: int = 1,
     scheduler: str | None = None,
+    losses: Losses | None = None,
 ) -> QCResult:
     """Run QC on the cells of one split, one library at a time, reading their rows of ``matrix``.
 
@@ -437,6 +440,9 @@ def run_qc(
     workers, scheduler
         Libraries run on ``workers`` processes, or on the Dask cluster at ``scheduler``
         (:func:`rosmap_geneformer.parallel.ordered_map`); the result does not depend on either.
+    losses
+        ``losses.qc_removed_cells``: the share of cells QC may remove before a WARNING and before
+        a refusal (the schema's default when ``None``).
 
     Returns
     -------
@@ -456,7 +462,7 @@ def run_qc(
             f"data.columns.batch); it has {list(cells.columns)}. Set data.columns.batch "
             "to the obs column holding each cell's library id."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     var = read_var(matrix)
     if settings.symbol_column not in var.columns:
         msg = (
@@ -464,7 +470,7 @@ def run_qc(
             f"mitochondrial genes; var has {list(var.columns)}. Run the convert_genes "
             "stage, which writes var['gene_symbol']."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     names = pd.Index(cells.index)
     io.check_unique_obs_names(names, source=source)
     mito = mito_genes(var, symbol_column=settings.symbol_column, prefix=settings.mito_prefix)
@@ -520,7 +526,16 @@ def run_qc(
             f"(params.yaml: qc). Check the thresholds against the report's medians or "
             "the input's counts."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
+    removed = check_loss(
+        len(table) - n_out,
+        len(table),
+        what="cells removed by the QC filters or as doublets",
+        key="qc_removed_cells",
+        limit=(losses or Losses()).qc_removed_cells,
+        source=f"qc {split}".strip(),
+        hint="compare the thresholds under qc with the medians in the QC report",
+    )
 
     libraries_table = pd.DataFrame.from_records(records)
     report = _report(
@@ -541,6 +556,7 @@ def run_qc(
         report["doublets_predicted"],
         report["libraries"],
     )
+    report["losses"] = {"qc_removed_cells": removed}
     return QCResult(
         report=report, cells=table, libraries=libraries_table, sim_hist=sim_hist, settings=settings
     )

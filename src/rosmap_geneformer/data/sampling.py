@@ -8,6 +8,8 @@ import zlib
 import numpy as np
 import pandas as pd
 
+from rosmap_geneformer.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -62,7 +64,7 @@ def undersample(
     ):
         if cap is not None and cap < 1:
             msg = f"params.yaml: sample cap {cap_name}={cap} must be a positive number or null."
-            raise ValueError(msg)
+            raise InputError(msg)
     pair = obs[patient_col].astype(str) + "\x1f" + obs[class_col].astype(str)
     first = _cap(pair, max_per_patient_class, rng)
     second = np.zeros(len(obs), dtype=bool)

@@ -14,13 +14,17 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from rosmap_geneformer.params import SPLITS
+from rosmap_geneformer.errors import InputError
+from rosmap_geneformer.params import SPLITS, check_names
 
 logger = logging.getLogger(__name__)
 
 UNLABELLED = "unlabelled"
 # A trial whose balance tests all reach this p-value is accepted (Geneformer's default).
 BALANCE_P_THRESHOLD = 0.1
+# Splits whose donors per class are counted against split.min_donors_per_class: the donor-level
+# metrics of early stopping (val) and of the headline (test) rest on them.
+DONOR_CHECKED_SPLITS = ("val", "test")
 
 
 @dataclass
@@ -30,6 +34,7 @@ class PatientSplit:
     patients: dict[str, list[str]]
     balance_pvalues: dict[str, float] = field(default_factory=dict)
     trial: int = 0
+    warnings: list[dict[str, object]] = field(default_factory=list)
 
     def split_of(self) -> dict[str, str]:
         """Donor id -> split name."""
@@ -50,11 +55,11 @@ def _check_fractions(fractions: Mapping[str, float]) -> list[float]:
     missing = [s for s in SPLITS if s not in fractions]
     if missing:
         msg = f"params.yaml: split.fractions lacks {missing}; give train, val and test fractions."
-        raise ValueError(msg)
+        raise InputError(msg)
     values = [float(fractions[s]) for s in SPLITS]
     if any(v <= 0 for v in values) or not np.isclose(sum(values), 1.0):
         msg = f"params.yaml: split.fractions {dict(zip(SPLITS, values, strict=True))} must be positive and sum to 1."
-        raise ValueError(msg)
+        raise InputError(msg)
     return values
 
 
@@ -79,6 +84,8 @@ def split_patients(
     balance: Sequence[str] = (),
     max_trials: int = 100,
     seed: int = 0,
+    min_donors_per_class: int = 0,
+    source: str = "the donor metadata",
 ) -> PatientSplit:
     """Assign donors to train/val/test, stratified by AD status.
 
@@ -101,17 +108,26 @@ def split_patients(
         Shuffles tried when balancing.
     seed
         Seed of the shuffles.
+    min_donors_per_class
+        Fewer donors of an AD class in val or test is a warning (``warnings`` of the result,
+        and the log): patient-level metrics on a handful of donors are noise.
+    source
+        The donor metadata file (named in the messages).
 
     Raises
     ------
-    ValueError
-        When a split would be empty or lack an AD class.
+    InputError
+        When a ``balance`` column is not in ``donors``, or a split would be empty or lack an AD
+        class.
     """
     values = _check_fractions(fractions)
-    missing = [c for c in balance if c not in donors.columns]
-    if missing:
-        msg = f"params.yaml: split.balance names donor column(s) {missing} that the metadata lacks."
-        raise ValueError(msg)
+    check_names(
+        balance,
+        donors.columns,
+        key="split.balance",
+        what="donor column",
+        source=source,
+    )
     strata = labels.reindex(donors.index).fillna(UNLABELLED).astype(str)
     _check_feasible(strata, values)
 
@@ -146,7 +162,55 @@ def split_patients(
             best.trial,
             best_score,
         )
+    best.warnings = donor_warnings(best, strata, min_donors=min_donors_per_class)
     return best
+
+
+def donor_warnings(
+    split: PatientSplit, strata: pd.Series, *, min_donors: int
+) -> list[dict[str, object]]:
+    """Classes with fewer than ``min_donors`` donors in val or test, one logged warning each.
+
+    Parameters
+    ----------
+    split
+        The donors of each split.
+    strata
+        Donor id -> AD class (``unlabelled`` donors are not counted).
+    min_donors
+        ``params.yaml: split.min_donors_per_class``.
+
+    Returns
+    -------
+    ``{"split", "class", "donors", "min_donors_per_class", "message"}`` per short class.
+    """
+    warnings: list[dict[str, object]] = []
+    classes = sorted(c for c in strata.unique() if c != UNLABELLED)
+    for name in DONOR_CHECKED_SPLITS:
+        members = strata.reindex(split.patients[name])
+        for label in classes:
+            n = int((members == label).sum())
+            if n >= min_donors:
+                continue
+            purpose = (
+                "early stopping and tuning" if name == "val" else "the patient-level test metrics"
+            )
+            message = (
+                f"split {name}: {n} donor(s) with AD status {label!r}, fewer than "
+                f"split.min_donors_per_class = {min_donors}; {purpose} rest on very few donors "
+                f"(wide intervals). Add donors, or raise split.fractions.{name} in params.yaml."
+            )
+            logger.warning("%s", message)
+            warnings.append(
+                {
+                    "split": name,
+                    "class": label,
+                    "donors": n,
+                    "min_donors_per_class": min_donors,
+                    "message": message,
+                }
+            )
+    return warnings
 
 
 def _check_feasible(strata: pd.Series, fractions: Sequence[float]) -> None:
@@ -162,11 +226,11 @@ def _check_feasible(strata: pd.Series, fractions: Sequence[float]) -> None:
                 f"with fractions {dict(zip(SPLITS, fractions, strict=True))}: split(s) {empty} would have none. "
                 "Add donors, or change split.fractions in params.yaml."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
     labelled = [s for s in counts.index if s != UNLABELLED]
     if len(labelled) < 2:
         msg = (
             f"split: donors carry AD status {labelled} only; every split needs both AD and control "
             "donors. Check labels.ad_definition and the donor metadata."
         )
-        raise ValueError(msg)
+        raise InputError(msg)

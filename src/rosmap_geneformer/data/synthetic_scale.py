@@ -42,6 +42,7 @@ from rosmap_geneformer.data import gene_map
 from rosmap_geneformer.data.demo.dataset import DEFAULT_COLUMNS
 from rosmap_geneformer.data.demo.genes import FINE_MARKERS, MARKERS
 from rosmap_geneformer.data.demo.simulation import CELL_TYPE_FRACTIONS, FINE_TYPES
+from rosmap_geneformer.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def feature_table(n_features: int = N_FEATURES_10X) -> pd.DataFrame:
         pad = pad[~pad["gene_name"].duplicated(keep="first")].sort_values("ensembl_id")
         if n_features - len(core) > len(pad):
             msg = f"n_features={n_features}: Ensembl {ENSEMBL_RELEASE} has only {len(core) + len(pad)} distinct symbols."
-            raise ValueError(msg)
+            raise InputError(msg)
         chosen = pd.concat([core, pad.iloc[: n_features - len(core)]])
     elif n_features > n_mt:
         required = {"MALAT1", *_MARKER_GENES}
@@ -120,7 +121,7 @@ def feature_table(n_features: int = N_FEATURES_10X) -> pd.DataFrame:
         chosen = core.iloc[np.argsort(priority, kind="stable")[:n_features]]
     else:
         msg = f"n_features={n_features}: need at least {n_mt + 1} (the MT- genes and one more)."
-        raise ValueError(msg)
+        raise InputError(msg)
     chosen = chosen.sort_values(["rank", "ensembl_id"], kind="stable")
     return pd.DataFrame(
         {
@@ -385,10 +386,10 @@ def generate_rosmap_shaped(
     start = time.perf_counter()
     if n_cells < 1 or cells_per_library < 1 or genes_per_cell < 1:
         msg = "n_cells, cells_per_library and genes_per_cell must be at least 1."
-        raise ValueError(msg)
+        raise InputError(msg)
     if not 0.0 <= low_quality_fraction + doublet_rate < 1.0:
         msg = "low_quality_fraction + doublet_rate must lie in [0, 1)."
-        raise ValueError(msg)
+        raise InputError(msg)
     cols = {**DEFAULT_COLUMNS, **{k: v for k, v in (columns or {}).items() if k in DEFAULT_COLUMNS}}
     names = {**FILE_NAMES, **{k: v for k, v in (file_names or {}).items() if k in FILE_NAMES}}
     paths = {key: Path(out_dir) / name for key, name in names.items()}

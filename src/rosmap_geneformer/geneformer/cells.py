@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rosmap_geneformer.errors import InputError
+
 
 def filter_pass_mask(obs: pd.DataFrame) -> np.ndarray:
     """Geneformer keeps a cell iff ``filter_pass == 1`` (``True`` counts as 1); all without it."""
@@ -30,14 +32,14 @@ def checked_n_counts(obs: pd.DataFrame, passing: np.ndarray, *, source: str | Pa
             "total raw count over all genes). Compute it from the raw counts before any gene is "
             "dropped (the convert_genes stage does)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     column = obs["n_counts"]
     if not isinstance(column.dtype, np.dtype) or column.dtype.kind not in "iuf":
         msg = (
             f"{source}: obs['n_counts'] has dtype {column.dtype}; it must be a plain numeric "
             "column (float32 or integer) without missing values."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     n_counts = column.to_numpy()
     bad = ~(n_counts > 0) & passing
     if bad.any():
@@ -47,7 +49,7 @@ def checked_n_counts(obs: pd.DataFrame, passing: np.ndarray, *, source: str | Pa
             f"(e.g. {examples}). n_counts must be each cell's total raw count; recompute it, or "
             "remove these cells (or set obs['filter_pass'] to 0 for them)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return n_counts
 
 
@@ -59,5 +61,5 @@ def ensembl_ids(var: pd.DataFrame, *, source: str | Path) -> pd.Series:
             f"{list(var.columns)}. Run convert_genes, or copy the Ensembl ids into "
             "var['ensembl_id']."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return var["ensembl_id"].astype(object).reset_index(drop=True)

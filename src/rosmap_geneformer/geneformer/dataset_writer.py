@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.geneformer.encoding import ChunkResult
 
 CELL_ID = "cell_id"
@@ -165,14 +166,14 @@ def obs_label_arrays(obs: pd.DataFrame, columns: Sequence[str], *, source: str) 
             f"{source}: obs lacks column(s) {missing} asked for as dataset columns; it has "
             f"{list(obs.columns)}. Fix tokenize.columns in params.yaml or --columns."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     reserved = {"input_ids", "length"} & set(columns)
     if reserved:
         msg = f"columns {sorted(reserved)} are written by the tokenizer; do not ask for them."
-        raise ValueError(msg)
+        raise InputError(msg)
     if len(set(columns)) != len(columns):
         msg = f"columns {list(columns)} name a column twice."
-        raise ValueError(msg)
+        raise InputError(msg)
     arrays = {}
     for column in columns:
         if column == CELL_ID and column not in obs.columns:

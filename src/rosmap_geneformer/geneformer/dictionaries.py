@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rosmap_geneformer.errors import InputError, MissingInputError
 from rosmap_geneformer.geneformer.cells import checked_n_counts, ensembl_ids, filter_pass_mask
-from rosmap_geneformer.io import atomic_output
+from rosmap_geneformer.io import atomic_output, check_input_file
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,22 @@ GENE_MEDIAN_DICTIONARY_FILE = "gene_median_dictionary.pkl"
 TARGET_SUM = 10_000
 # Pickle protocol of the files we write (fixed, so that the bytes do not depend on Python).
 _PICKLE_PROTOCOL = 4
+TOKEN_DICTIONARY = "token dictionary"
+GENE_MEDIAN_DICTIONARY = "gene median dictionary"
+# What each file must hold, in the words of the messages.
+EXPECTED_CONTENT = {
+    TOKEN_DICTIONARY: "a dict of Ensembl id / special token (str) -> token id (int)",
+    GENE_MEDIAN_DICTIONARY: "a dict of Ensembl id (str) -> non-zero median (float)",
+}
+_NAME_ID_DICTIONARY = "gene name -> Ensembl id dictionary"
+_WHERE = (
+    "params.yaml: dictionaries.token_dictionary / dictionaries.gene_median_dictionary, "
+    "or the CLI flags"
+)
+_PARAM_KEY = {
+    TOKEN_DICTIONARY: "dictionaries.token_dictionary",
+    GENE_MEDIAN_DICTIONARY: "dictionaries.gene_median_dictionary",
+}
 
 
 @dataclass(frozen=True)
@@ -106,11 +123,11 @@ def validate_dictionaries(
             f"str -> float), got {type(token_dictionary).__name__} and "
             f"{type(gene_median_dictionary).__name__}."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     bad_keys = [k for k in token_dictionary if not isinstance(k, str)][:5]
     if bad_keys:
         msg = f"{source}: token dictionary keys must be str (Ensembl ids); found {bad_keys!r}."
-        raise ValueError(msg)
+        raise InputError(msg)
     bad_values = [
         (k, v)
         for k, v in token_dictionary.items()
@@ -118,27 +135,27 @@ def validate_dictionaries(
     ][:5]
     if bad_values:
         msg = f"{source}: token ids must be non-negative integers; found {bad_values!r}."
-        raise ValueError(msg)
+        raise InputError(msg)
     for token, expected in V1_SPECIAL_TOKENS.items():
         if token_dictionary.get(token) != expected:
             msg = (
                 f"{source}: token dictionary must map {token!r} to {expected} (Geneformer V1 and "
                 f"V2 layouts); it maps it to {token_dictionary.get(token)!r}."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
     has_cls, has_eos = CLS in token_dictionary, EOS in token_dictionary
     if has_cls != has_eos:
         msg = (
             f"{source}: token dictionary has only one of <cls>/<eos>; the V2 layout needs both "
             "(<cls> 2, <eos> 3) and the V1 layout neither."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if has_cls and (token_dictionary[CLS] != 2 or token_dictionary[EOS] != 3):
         msg = (
             f"{source}: V2 layout needs <cls> 2 and <eos> 3; found <cls> "
             f"{token_dictionary[CLS]!r} and <eos> {token_dictionary[EOS]!r}."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     ids = [int(v) for v in token_dictionary.values()]
     if len(set(ids)) != len(ids):
         seen: dict[int, str] = {}
@@ -148,11 +165,11 @@ def validate_dictionaries(
                 clash.append((seen[int(value)], key, int(value)))
             seen.setdefault(int(value), key)
         msg = f"{source}: token ids must be unique; e.g. {clash[:3]} share an id."
-        raise ValueError(msg)
+        raise InputError(msg)
     genes = [k for k in token_dictionary if k not in SPECIAL_TOKENS]
     if not genes:
         msg = f"{source}: the token dictionary holds no gene (only special tokens)."
-        raise ValueError(msg)
+        raise InputError(msg)
     missing = [g for g in genes if g not in gene_median_dictionary]
     if missing:
         msg = (
@@ -161,7 +178,7 @@ def validate_dictionaries(
             "with a KeyError on them; use the median dictionary that belongs to this token "
             "dictionary (e.g. gc30M with gc30M)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     bad_medians = []
     for gene in genes:
         value = gene_median_dictionary[gene]
@@ -173,7 +190,7 @@ def validate_dictionaries(
             f"{source}: gene medians must be finite positive numbers; found {len(bad_medians)} "
             f"bad value(s), e.g. {bad_medians[:5]!r}."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     extra = len(set(gene_median_dictionary) - set(token_dictionary))
     if extra:
         logger.info("%s: %d median entries have no token and are ignored", source, extra)
@@ -184,6 +201,11 @@ def load_dictionaries(
     token_dictionary_path: str | Path, gene_median_dictionary_path: str | Path
 ) -> GeneDictionaries:
     """Load and validate a Geneformer token dictionary and gene median dictionary.
+
+    Each file is first checked for what it holds: a missing or empty file, a Git LFS pointer, a
+    file that is not a pickle, a pickle of something other than a dict, and the two files given
+    the other way round are refused with the file's name, what it holds (:func:`describe_content`)
+    and what was expected.
 
     Parameters
     ----------
@@ -196,9 +218,13 @@ def load_dictionaries(
     -------
     The validated pair; see :func:`validate_dictionaries` for the checks.
     """
-    token_dictionary = _load_pickle(token_dictionary_path, what="token dictionary")
-    gene_median_dictionary = _load_pickle(
-        gene_median_dictionary_path, what="gene median dictionary"
+    token_dictionary = _load_pickle(token_dictionary_path, what=TOKEN_DICTIONARY)
+    gene_median_dictionary = _load_pickle(gene_median_dictionary_path, what=GENE_MEDIAN_DICTIONARY)
+    check_dictionary_files(
+        {
+            TOKEN_DICTIONARY: (Path(token_dictionary_path), token_dictionary),
+            GENE_MEDIAN_DICTIONARY: (Path(gene_median_dictionary_path), gene_median_dictionary),
+        }
     )
     source = f"{token_dictionary_path} + {gene_median_dictionary_path}"
     layout = validate_dictionaries(token_dictionary, gene_median_dictionary, source=source)
@@ -215,17 +241,137 @@ def load_dictionaries(
 def _load_pickle(path: str | Path, *, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
-        msg = (
-            f"{path}: {what} not found. Give the path to the pickle (params.yaml: "
-            "dictionaries.token_dictionary / dictionaries.gene_median_dictionary, or the CLI flag)."
-        )
-        raise FileNotFoundError(msg)
+        msg = f"{path}: {what} not found. Give the path to the pickle ({_WHERE})."
+        raise MissingInputError(msg)
+    check_input_file(path, what=what)
     with path.open("rb") as fh:
         try:
             return pickle.load(fh)
         except Exception as err:
-            msg = f"{path}: cannot unpickle the {what} ({err}). Is it a Git LFS pointer?"
-            raise ValueError(msg) from err
+            msg = (
+                f"{path}: cannot unpickle the {what} ({type(err).__name__}: {err}); expected a "
+                f"pickle of {EXPECTED_CONTENT.get(what, what)}: re-create it or `dvc pull`."
+            )
+            raise InputError(msg) from err
+
+
+def describe_content(obj: Any) -> str:
+    """What an unpickled object holds, in words, for messages.
+
+    Examples: ``a dict of 25,424 str -> float, like a gene median dictionary``,
+    ``a list of 3 str``, ``a pandas DataFrame of 10 rows x 2 columns ['a', 'b']``.
+    """
+    if isinstance(obj, Mapping):
+        if not obj:
+            return f"an empty {type(obj).__name__}"
+        text = (
+            f"a {type(obj).__name__} of {len(obj):,} {_kinds(obj.keys())} -> {_kinds(obj.values())}"
+        )
+        like = content_kind(obj)
+        return f"{text}, like a {like}" if like else text
+    if isinstance(obj, pd.DataFrame):
+        return f"a pandas DataFrame of {len(obj):,} rows x {obj.shape[1]} columns {list(obj.columns[:5])}"
+    if isinstance(obj, pd.Series):
+        return f"a pandas Series of {len(obj):,} {obj.dtype} values"
+    if isinstance(obj, np.ndarray):
+        return f"a numpy array of shape {obj.shape} ({obj.dtype})"
+    if isinstance(obj, list | tuple | set | frozenset):
+        return f"a {type(obj).__name__} of {len(obj):,} {_kinds(obj) if obj else 'items'}"
+    kind = type(obj)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return f"a {name}"
+
+
+def content_kind(mapping: Mapping[Any, Any]) -> str | None:
+    """Which Geneformer dictionary a mapping looks like, or ``None`` when none.
+
+    ``"token dictionary"`` (str -> int), ``"gene median dictionary"`` (str -> float) or
+    ``"gene name -> Ensembl id dictionary"`` (str -> str, Geneformer's ``gene_name_id_dict``).
+    """
+    if not mapping or _kinds(mapping.keys()) != "str":
+        return None
+    values = set(_kinds(mapping.values()).split(" | "))
+    if values == {"int"}:
+        return TOKEN_DICTIONARY
+    if "float" in values and values <= {"float", "int"}:
+        return GENE_MEDIAN_DICTIONARY
+    if values == {"str"}:
+        return _NAME_ID_DICTIONARY
+    return None
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, bool | np.bool_):
+        return "bool"
+    if isinstance(value, numbers.Integral):
+        return "int"
+    if isinstance(value, numbers.Real):
+        return "float"
+    return type(value).__name__
+
+
+def _kinds(values: Any) -> str:
+    return " | ".join(sorted({_kind(v) for v in values}))
+
+
+def check_dictionary_files(loaded: Mapping[str, tuple[Path, Any]]) -> None:
+    """Refuse dictionary files that hold the wrong kind of object, or each other's content.
+
+    Parameters
+    ----------
+    loaded
+        ``{"token dictionary": (path, object), "gene median dictionary": (path, object)}``.
+
+    Raises
+    ------
+    InputError
+        Naming the file, what it holds and what was expected; one message for swapped files.
+    """
+    wrong = {what: _wrong_kind(what, obj) for what, (_, obj) in loaded.items()}
+    (token_path, tokens), (median_path, medians) = (
+        loaded[TOKEN_DICTIONARY],
+        loaded[GENE_MEDIAN_DICTIONARY],
+    )
+    if wrong[TOKEN_DICTIONARY] == GENE_MEDIAN_DICTIONARY and wrong[GENE_MEDIAN_DICTIONARY] == (
+        TOKEN_DICTIONARY
+    ):
+        msg = (
+            f"{token_path} holds {describe_content(tokens)}, and {median_path} holds "
+            f"{describe_content(medians)}: the token and gene median dictionaries are swapped; "
+            f"exchange the two paths ({_WHERE})."
+        )
+        raise InputError(msg)
+    for what, (path, obj) in loaded.items():
+        if wrong[what] is not None:
+            msg = (
+                f"{path} holds {describe_content(obj)}, but the {what} is expected there "
+                f"({EXPECTED_CONTENT[what]}); give the right pickle (params.yaml: "
+                f"{_PARAM_KEY[what]}, or the CLI flag)."
+            )
+            raise InputError(msg)
+
+
+def _wrong_kind(what: str, obj: Any) -> str | None:
+    """What ``obj`` is instead of the ``what`` dictionary, or ``None`` when it may be one.
+
+    Dicts that look like no known kind pass, so :func:`validate_dictionaries` names the first
+    bad entry.
+    """
+    if not isinstance(obj, Mapping):
+        return type(obj).__name__
+    if not obj:
+        return "empty"
+    kind = content_kind(obj)
+    if what == GENE_MEDIAN_DICTIONARY and kind == TOKEN_DICTIONARY:
+        # A str -> int median dictionary is odd but valid; special tokens give a token one away.
+        return kind if PAD in obj or MASK in obj else None
+    return kind if kind not in (None, what) else None
 
 
 def save_dictionaries(dictionaries: GeneDictionaries, directory: str | Path) -> dict[str, Path]:
@@ -268,7 +414,7 @@ def build_dictionaries(
     clash = sorted(set(medians) & SPECIAL_TOKENS)
     if clash:
         msg = f"{source}: gene ids {clash} collide with Geneformer's special tokens."
-        raise ValueError(msg)
+        raise InputError(msg)
     genes = sorted(medians)
     token_dictionary = dict(specials)
     token_dictionary.update({gene: len(specials) + i for i, gene in enumerate(genes)})

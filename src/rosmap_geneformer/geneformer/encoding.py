@@ -1,7 +1,8 @@
 """Geneformer's rank-value encoding of count rows, token for token, vectorised over chunks.
 
 What Geneformer's ``TranscriptomeTokenizer`` (h5ad path, no gene-mapping file) does, and what this
-module reproduces (``geneformer-spec.md`` sections 2.2-2.7):
+module reproduces (``geneformer-spec.md`` sections 2.2-2.7), with one deliberate difference: the
+order of exactly tied genes (item 4).
 
 1. **Genes**: the columns whose ``upper(var["ensembl_id"])`` is a key of the token dictionary, in
    var order. Duplicate ids are not summed: each copy is ranked and gets the same token.
@@ -17,9 +18,19 @@ module reproduces (``geneformer-spec.md`` sections 2.2-2.7):
 
    The two differ in the last bit for some values, and that flips near-tie orderings, so the
    path follows the storage of ``X`` (``H5adRows.kind`` / ``scipy.sparse.issparse``).
-4. **Ranking**: per cell, ``numpy.argsort(-v)`` with numpy's default (unstable) kind on the
-   float64 values of the stored genes in var order, exactly the array Geneformer sorts, so exact
-   ties come out in the same order. Everything else is vectorised over a chunk of cells.
+4. **Ranking**: per cell, by the float64 value ``v`` descending, on exactly the values Geneformer
+   sorts, so genes of different value come in Geneformer's order. Genes with exactly equal ``v``
+   (in practice the same count and the same median) come in ascending token id, i.e. in the
+   token dictionary's order, whatever the column order of the input; where a tie group is cut by
+   truncation, its lowest token ids are kept. Geneformer instead calls ``numpy.argsort(-v)``
+   with numpy's default, unstable kind, whose order of ties depends on the sort kernel numpy
+   picks for the CPU (scalar introsort, AVX2 or AVX-512), so its output for a cell with ties
+   changes from machine to machine; ours does not. Our output therefore equals Geneformer's on
+   any CPU for every cell without an exact tie among its output genes, and for the others has
+   the same values rank by rank and the same genes within every tie group. Done as one numpy
+   default argsort per cell (the fastest kind; its tie order does not matter) and one pass over
+   the chunk that reorders the tied ranks by token id (:func:`_rank`). Everything else is
+   vectorised over a chunk of cells.
 5. **Truncation**: the first ``model_input_size`` tokens, or with special tokens
    ``<cls>`` + the first ``model_input_size - 2`` + ``<eos>``. Empty cells are dropped (counted).
 
@@ -39,6 +50,7 @@ import pandas as pd
 from scipy import sparse
 
 from rosmap_geneformer.counts import AnnDataRows, H5adRows, check_count_values
+from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.geneformer.cells import checked_n_counts, ensembl_ids, filter_pass_mask
 from rosmap_geneformer.geneformer.dictionaries import (
     CLS,
@@ -103,7 +115,7 @@ def make_plan(
             "tokenize.special_tokens) but the token dictionary has no <cls>/<eos> (V1 layout). "
             "Use a V2 dictionary (or build one with special tokens), or turn special tokens off."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if not special_tokens and dictionaries.has_special_tokens:
         logger.warning(
             "%s: the dictionary has <cls>/<eos> but special tokens are off; V2 models expect them",
@@ -112,7 +124,7 @@ def make_plan(
     minimum = 3 if special_tokens else 1
     if model_input_size < minimum:
         msg = f"model_input_size={model_input_size}: must be at least {minimum}."
-        raise ValueError(msg)
+        raise InputError(msg)
 
     ids = ensembl_ids(var, source=source)
     # Geneformer maps upper(id) through the identity map of the token dictionary.
@@ -130,7 +142,7 @@ def make_plan(
             "ids without version suffixes (ENSG00000123456, not ENSG00000123456.7) and the "
             "dictionary of the model you use."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     kept_ids = upper.iloc[kept_cols].tolist()
     original = ids.iloc[kept_cols].tolist()
     case_only = sum(1 for a, b in zip(original, kept_ids, strict=True) if a != b)
@@ -158,7 +170,7 @@ def make_plan(
             f"dictionary but not in the gene median dictionary (e.g. {medians_missing[:5]}). Use "
             "the median dictionary that belongs to the token dictionary."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     # Built like Geneformer's arrays, so dtypes (and hence arithmetic and output) match.
     tokens = np.array([token_dict[g] for g in kept_ids])
     medians = np.array([dictionaries.gene_median_dictionary[g] for g in kept_ids])
@@ -168,7 +180,7 @@ def make_plan(
     top = max(int(tokens.max()), cls, eos)
     if top > np.iinfo(out_dtype).max:
         msg = f"{dictionaries.source}: token id {top} does not fit {np.dtype(out_dtype).name}."
-        raise ValueError(msg)
+        raise InputError(msg)
     col_to_kept = np.full(n_vars, -1, dtype=np.intp)
     col_to_kept[kept_cols] = np.arange(kept_cols.size)
 
@@ -208,8 +220,6 @@ def make_plan(
         100 * kept_cols.size / n_vars,
         "sparse (reciprocal)" if plan.sparse_arithmetic else "dense (true division)",
     )
-    if kept_cols.size < 0.5 * n_vars:
-        logger.warning("%s: fewer than half of the genes are in the vocabulary", source)
     return plan, gene_report
 
 
@@ -225,26 +235,23 @@ def encode_rows(plan: Plan, rows: H5adRows | AnnDataRows, start: int, end: int) 
         value, kept, counts, stats = _normalise_dense(plan, rows, start, end, passing)
     stats["cells_passing"] = int(passing.sum())
 
-    # Rank: one numpy default argsort per cell, on the cell's negated values in var order, i.e.
-    # exactly Geneformer's argsort(-gene_vector). Truncation is folded in.
+    # Rank: numpy's default (fastest) argsort per cell on the negated values, then every group of
+    # exactly equal values put in ascending token id, then truncation.
     use = passing & (counts > 0)
     n_genes = np.minimum(counts, plan.max_genes)
     extra = 2 if plan.special else 0
     lengths = (n_genes + extra)[use]
     out_end = np.cumsum(lengths)
     out_start = out_end - lengths
-    selected = np.empty(int(out_end[-1]) if out_end.size else 0, dtype=np.int64)
     bounds = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=bounds[1:])
-    position = extra // 2
-    for lo, hi, m in zip(
-        bounds[:-1][use].tolist(), bounds[1:][use].tolist(), n_genes[use].tolist(), strict=True
-    ):
-        order = value[lo:hi].argsort()
-        order += lo
-        selected[position : position + m] = order[:m]
-        position += m + extra
     entry_tokens = np.take(plan.tokens, kept)
+    order = _rank(value, entry_tokens, bounds, use)
+    selected = np.empty(int(out_end[-1]) if out_end.size else 0, dtype=np.intp)
+    position = extra // 2
+    for lo, m in zip(bounds[:-1][use].tolist(), n_genes[use].tolist(), strict=True):
+        selected[position : position + m] = order[lo : lo + m]
+        position += m + extra
     if plan.special:
         # Two extra entries past the genes hold <cls> and <eos>.
         specials = np.array([plan.cls, plan.eos], dtype=entry_tokens.dtype)
@@ -257,6 +264,65 @@ def encode_rows(plan: Plan, rows: H5adRows | AnnDataRows, start: int, end: int) 
     stats["genes_ranked"] = int(counts[passing].sum())
     cells = np.arange(start, end)[use]
     return ChunkResult(cells, lengths.astype(np.int64), values, stats)
+
+
+def _rank(
+    value: np.ndarray, entry_tokens: np.ndarray, bounds: np.ndarray, use: np.ndarray
+) -> np.ndarray:
+    """The entries of each cell in rank order: negated value ascending, exact ties by token id.
+
+    One numpy default argsort per cell (the fastest kind; the SIMD kernel numpy picks for the CPU
+    orders ties its own way), then :func:`_order_ties_by_token` over the whole chunk, so the
+    result is the same on every CPU and for every column order of the input. Cells not in
+    ``use`` keep their stored order.
+    """
+    entries_used = bool(use[bounds[1:] > bounds[:-1]].all())
+    order = np.empty(value.size, dtype=np.intp) if entries_used else np.arange(value.size)
+    for lo, hi in zip(bounds[:-1][use].tolist(), bounds[1:][use].tolist(), strict=True):
+        part = value[lo:hi].argsort()
+        part += lo
+        order[lo:hi] = part
+    if value.size < 2:
+        return order
+    ranked = np.take(value, order)
+    tied = ranked[1:] == ranked[:-1]  # rank i and i + 1 hold equal values
+    boundary = bounds[1:-1]
+    tied[boundary[(boundary > 0) & (boundary < value.size)] - 1] = False  # not across cells
+    if tied.any():
+        _order_ties_by_token(order, tied, entry_tokens)
+    return order
+
+
+def _order_ties_by_token(order: np.ndarray, tied: np.ndarray, entry_tokens: np.ndarray) -> None:
+    """Reorder, in place, the entries of every run of tied ranks by ascending token id.
+
+    Only the tied ranks are touched: each run keeps its place, and one sort on (run, token)
+    orders the entries within all runs at once. The sort key is unique (the position is packed
+    into its low bits), so any sort kind, on any CPU, gives the same result. Entries with the
+    same token (a duplicated gene id) are interchangeable.
+    """
+    pairs = np.flatnonzero(tied)
+    member = np.zeros(order.size, dtype=bool)
+    member[pairs] = True
+    member[pairs + 1] = True
+    where = np.flatnonzero(member)  # the tied ranks, ascending
+    starts = np.ones(where.size, dtype=bool)  # a rank starts a run unless tied with the one before
+    inner = where > 0
+    starts[inner] = ~tied[where[inner] - 1]
+    run = np.cumsum(starts, dtype=np.int64)
+    entries = order[where]
+    tokens = entry_tokens[entries].astype(np.int64)
+    position_bits = int(where.size - 1).bit_length()
+    token_bits = int(tokens.max()).bit_length()
+    if int(run[-1]).bit_length() + token_bits + position_bits <= 63:
+        key = run << (token_bits + position_bits)
+        key |= tokens << position_bits
+        key |= np.arange(where.size, dtype=np.int64)
+        key.sort()  # numpy's fastest sort: its tie order cannot matter, keys are unique
+        positions = key & ((1 << position_bits) - 1)
+    else:
+        positions = np.lexsort((tokens, run))
+    order[where] = entries[positions]
 
 
 def _normalise_sparse(
@@ -390,4 +456,4 @@ def _check_n_counts_cover(
             f"n_counts={n[i]:g}, sum of X={row_sum[i]:g}). n_counts must be each cell's total raw "
             "count over all genes; recompute it from the raw counts."
         )
-        raise ValueError(msg)
+        raise InputError(msg)

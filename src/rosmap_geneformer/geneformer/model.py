@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import BertConfig
 
+from rosmap_geneformer.errors import InputError, MissingInputError
 from rosmap_geneformer.geneformer.dictionaries import CLS, EOS, PAD
 
 logger = logging.getLogger(__name__)
@@ -138,20 +139,20 @@ def geneformer_bert_config(
     bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
     if bad:
         msg = f"base_model.architecture: sizes must be positive integers; got {bad}."
-        raise ValueError(msg)
+        raise InputError(msg)
     if hidden_size % num_attention_heads:
         msg = (
             f"base_model.architecture: hidden_size {hidden_size} is not a multiple of "
             f"num_attention_heads {num_attention_heads}."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     for name, value in (("dropout", dropout), ("attention_dropout", attention_dropout)):
         if not 0 <= value < 1:
             msg = f"base_model.architecture: {name}={value!r} must be in [0, 1)."
-            raise ValueError(msg)
+            raise InputError(msg)
     if not 0 <= pad_token_id < vocab_size:
         msg = f"pad_token_id {pad_token_id} is outside the vocabulary (size {vocab_size})."
-        raise ValueError(msg)
+        raise InputError(msg)
     return BertConfig(
         **sizes,
         hidden_act="relu",
@@ -191,10 +192,10 @@ def config_from_params(
             f"params.yaml: base_model.architecture has unknown key(s) {unknown} and lacks "
             f"{missing}; it takes {list(ARCHITECTURE_KEYS)} (attention_dropout optional)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if PAD not in token_dictionary:
         msg = "token dictionary lacks '<pad>'."
-        raise ValueError(msg)
+        raise InputError(msg)
     return geneformer_bert_config(
         vocab_size=len(token_dictionary),
         max_position_embeddings=int(model_input_size),
@@ -266,29 +267,29 @@ def validate_checkpoint(
             "folder of huggingface.co/ctheodoris/Geneformer), `dvc add` it, and set "
             "base_model.checkpoint to that folder."
         )
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     config_path = path / "config.json"
     if not config_path.is_file():
         msg = f"{path}: no config.json; a checkpoint folder holds config.json and the weights."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     if not any((path / name).is_file() for name in _WEIGHT_FILES):
         msg = (
             f"{path}: no weights ({', '.join(_WEIGHT_FILES)}). Are they Git LFS pointers or "
             "missing from the download?"
         )
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     try:
         raw = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         msg = f"{config_path}: not valid JSON ({err})."
-        raise ValueError(msg) from err
+        raise InputError(msg) from err
     where = f"{config_path}"
     if raw.get("model_type") != "bert":
         msg = (
             f"{where}: model_type is {raw.get('model_type')!r}, expected 'bert'. Geneformer "
             "checkpoints are BERT models; point base_model.checkpoint at one."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     config = BertConfig.from_dict(raw)
     n_tokens = len(token_dictionary)
     if config.vocab_size != n_tokens:
@@ -296,7 +297,7 @@ def validate_checkpoint(
             f"{where}: vocab_size is {config.vocab_size} but {dictionary_source} has "
             f"{n_tokens:,} tokens, so token ids would mean different genes. {_hint(config.vocab_size)}"
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if config.max_position_embeddings < model_input_size:
         msg = (
             f"{where}: max_position_embeddings is {config.max_position_embeddings} but "
@@ -304,7 +305,7 @@ def validate_checkpoint(
             f"long. Set tokenize.model_input_size: {config.max_position_embeddings} and rerun "
             "`dvc repro`."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     pad = token_dictionary.get(PAD)
     if config.pad_token_id is None or pad is None or int(config.pad_token_id) != int(pad):
         msg = (
@@ -312,14 +313,14 @@ def validate_checkpoint(
             f"<pad> to {pad!r}. Use the dictionary the checkpoint was trained with (Geneformer: "
             "<pad> = 0)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     position = getattr(config, "position_embedding_type", "absolute")
     if position != "absolute":
         msg = (
             f"{where}: position_embedding_type is {position!r}, expected 'absolute' "
             "(Geneformer's; transformers' BERT supports no other)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     has_specials = CLS in token_dictionary and EOS in token_dictionary
     if special_tokens and not has_specials:
         msg = (
@@ -327,7 +328,7 @@ def validate_checkpoint(
             f"<cls>/<eos> (a V1 dictionary). Set tokenize.special_tokens: false for V1 "
             "checkpoints, or use a V2 checkpoint with the gc104M dictionary."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if has_specials and not special_tokens:
         logger.warning(
             "%s: the dictionary has <cls>/<eos> (V2) but tokenize.special_tokens is false; "

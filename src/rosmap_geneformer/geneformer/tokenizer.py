@@ -3,11 +3,11 @@
 :func:`tokenize_h5ad`, :func:`tokenize_cells` and :func:`tokenize_anndata` read the input in
 chunks of cells, encode each chunk with Geneformer's rank-value encoding
 (:mod:`rosmap_geneformer.geneformer.encoding`, token for token identical to Geneformer's
-``TranscriptomeTokenizer``), in this process and in worker processes, and write the batches in
-input order into a ``datasets`` dataset directory
-(:mod:`rosmap_geneformer.geneformer.dataset_writer`), so memory does not grow with the number of
-cells and the output bytes do not depend on the number of processes. Each returns a report of
-the cells, genes and counts covered.
+``TranscriptomeTokenizer``, except that exactly tied genes come in ascending token id), in this
+process and in worker processes, and write the batches in input order into a ``datasets``
+dataset directory (:mod:`rosmap_geneformer.geneformer.dataset_writer`), so memory does not grow
+with the number of cells and the output bytes depend neither on the number of processes nor on
+the CPU. Each returns a report of the cells, genes and counts covered.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from rosmap_geneformer.counts import (
     read_cell_table,
     read_var,
 )
+from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.geneformer.dataset_writer import (
     DatasetWriter,
     arrow_schema,
@@ -39,6 +40,8 @@ from rosmap_geneformer.geneformer.dataset_writer import (
 from rosmap_geneformer.geneformer.dictionaries import GeneDictionaries
 from rosmap_geneformer.geneformer.encoding import ChunkResult, Plan, encode_rows, make_plan
 from rosmap_geneformer.io import atomic_output
+from rosmap_geneformer.losses import check_loss
+from rosmap_geneformer.params_schema import Losses
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,7 @@ def tokenize_h5ad(
     columns: Sequence[str] = DEFAULT_COLUMNS,
     chunk_size: int = 512,
     nproc: int = 1,
+    losses: Losses | None = None,
 ) -> dict[str, Any]:
     """Tokenize an h5ad into a Geneformer-compatible ``datasets`` dataset directory.
 
@@ -148,6 +152,10 @@ def tokenize_h5ad(
         Cells per chunk.
     nproc
         Processes encoding chunks.
+    losses
+        ``losses.genes_outside_vocabulary`` and ``losses.empty_cells`` (the schema's defaults
+        when ``None``): the shares of genes outside the vocabulary and of cells left with none of
+        its genes above which the drop is a WARNING and a refusal (nothing is written then).
 
     Returns
     -------
@@ -167,6 +175,7 @@ def tokenize_h5ad(
         columns=columns,
         chunk_size=chunk_size,
         nproc=nproc,
+        losses=losses,
     )
 
 
@@ -181,6 +190,7 @@ def tokenize_cells(
     columns: Sequence[str] = DEFAULT_COLUMNS,
     chunk_size: int = 512,
     nproc: int = 1,
+    losses: Losses | None = None,
 ) -> dict[str, Any]:
     """:func:`tokenize_h5ad` for the cells of a cell table, read from the one count matrix.
 
@@ -199,6 +209,7 @@ def tokenize_cells(
         columns=columns,
         chunk_size=chunk_size,
         nproc=nproc,
+        losses=losses,
     )
 
 
@@ -212,6 +223,7 @@ def tokenize_anndata(
     columns: Sequence[str] = DEFAULT_COLUMNS,
     chunk_size: int = 512,
     nproc: int = 1,
+    losses: Losses | None = None,
 ) -> dict[str, Any]:
     """:func:`tokenize_h5ad` for an AnnData object.
 
@@ -228,6 +240,7 @@ def tokenize_anndata(
             columns=columns,
             chunk_size=chunk_size,
             nproc=nproc,
+            losses=losses,
         )
     return _tokenize(
         AnnDataRows(adata),
@@ -240,6 +253,7 @@ def tokenize_anndata(
         columns=columns,
         chunk_size=chunk_size,
         nproc=1,
+        losses=losses,
     )
 
 
@@ -255,16 +269,17 @@ def _tokenize(
     columns: Sequence[str],
     chunk_size: int,
     nproc: int,
+    losses: Losses | None = None,
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     if chunk_size < 1 or nproc < 1:
         msg = f"chunk_size={chunk_size}, nproc={nproc}: both must be at least 1."
-        raise ValueError(msg)
+        raise InputError(msg)
     source = str(rows.path)
     if len(obs) != rows.n_obs or len(var) != rows.n_vars:
         msg = f"{source}: obs/var sizes do not match X {rows.n_obs} x {rows.n_vars}."
-        raise ValueError(msg)
+        raise InputError(msg)
     plan, gene_report = make_plan(
         rows,
         obs,
@@ -273,6 +288,18 @@ def _tokenize(
         model_input_size=model_input_size,
         special_tokens=special_tokens,
     )
+    losses = losses or Losses()
+    checked = {
+        "genes_outside_vocabulary": check_loss(
+            gene_report["genes_in_var"] - gene_report["genes_in_vocabulary"],
+            gene_report["genes_in_var"],
+            what="genes outside the token dictionary's vocabulary",
+            key="genes_outside_vocabulary",
+            limit=losses.genes_outside_vocabulary,
+            source=source,
+            hint="check that the dictionaries match the data (human Ensembl ids in var['ensembl_id'])",
+        )
+    }
     label_arrays = obs_label_arrays(obs, list(columns), source=source)
     schema = arrow_schema(label_arrays, plan.tokens.dtype)
     chunks = [(s, min(s + chunk_size, rows.n_obs)) for s in range(0, rows.n_obs, chunk_size)]
@@ -294,8 +321,18 @@ def _tokenize(
             progress.close()
             rows.close()
         writer.close()
+        checked["empty_cells"] = check_loss(
+            int(totals.get("cells_empty", 0)),
+            int(plan.passing.sum()),
+            what="cells with no gene of the vocabulary (dropped)",
+            key="empty_cells",
+            limit=losses.empty_cells,
+            source=source,
+            hint="check the dictionaries and the cells' counts",
+        )
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     report = _report(obs, plan, gene_report, totals, all_lengths, model_input_size=model_input_size)
+    report["losses"] = checked
     report["output"] = {
         "path": Path(output_path).as_posix(),
         "input_ids_dtype": np.dtype(plan.tokens.dtype).name,
@@ -312,12 +349,6 @@ def _tokenize(
         report["cells"]["dropped_empty"],
         report["length"].get("median"),
     )
-    if report["cells"]["dropped_empty"]:
-        logger.warning(
-            "%s: %d cell(s) have no gene of the vocabulary and were dropped",
-            source,
-            report["cells"]["dropped_empty"],
-        )
     return report
 
 

@@ -34,6 +34,7 @@ from transformers import (
 )
 from transformers.trainer_utils import SchedulerType
 
+from rosmap_geneformer.errors import InputError, MissingInputError
 from rosmap_geneformer.geneformer.model import select_device
 from rosmap_geneformer.training.tasks import (
     PreparedTask,
@@ -89,7 +90,7 @@ def freeze_layers(model: BertForSequenceClassification, n_layers: int) -> None:
         msg = (
             f"params.yaml: train.freeze_layers={n_layers}, but the model has {len(layers)} layers."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     for layer in layers[:n_layers]:
         for parameter in layer.parameters():
             parameter.requires_grad = False
@@ -217,7 +218,7 @@ class Hyperparameters:
         unknown = sorted(set(values) - known)
         if unknown:
             msg = f"params.yaml: train has unknown key(s) {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
+            raise InputError(msg)
         hyper = cls(**values)
         checks = {
             "learning_rate": hyper.learning_rate > 0,
@@ -233,13 +234,13 @@ class Hyperparameters:
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             msg = f"params.yaml: train.{bad[0]}={getattr(hyper, bad[0])!r} is out of range."
-            raise ValueError(msg)
+            raise InputError(msg)
         if hyper.lr_scheduler_type not in SCHEDULERS:
             msg = (
                 f"params.yaml: train.lr_scheduler_type={hyper.lr_scheduler_type!r} is not a "
                 f"transformers scheduler; use one of {list(SCHEDULERS)}."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         return hyper
 
 
@@ -467,8 +468,11 @@ def load_label_mapping(model_dir: str | Path) -> dict[str, Any]:
     """The task, label column and class list saved beside a fine-tuned model."""
     path = Path(model_dir) / LABEL_MAPPING_FILE
     if not path.is_file():
-        msg = f"{path}: no label mapping; is {model_dir} a model written by the train stage?"
-        raise FileNotFoundError(msg)
+        msg = (
+            f"{path}: no label mapping, so {model_dir} is not a fine-tuned model; train it first "
+            f"(`dvc repro train@{Path(model_dir).name}`) or fix paths.finetuned."
+        )
+        raise MissingInputError(msg)
     return json.loads(path.read_text())
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import BertForMaskedLM, TrainingArguments
 
+from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.geneformer.dictionaries import MASK, PAD, SPECIAL_TOKENS
 from rosmap_geneformer.geneformer.model import DeviceSettings
 from rosmap_geneformer.training.trainer import GeneformerTrainer, live_callbacks, live_output
@@ -66,10 +67,10 @@ class MaskedGeneCollator:
         for token in (PAD, MASK):
             if token not in token_dictionary:
                 msg = f"token dictionary lacks {token!r}; masked-gene prediction needs it."
-                raise ValueError(msg)
+                raise InputError(msg)
         if not 0 < mlm_probability < 1:
             msg = f"mlm_probability={mlm_probability!r} must be in (0, 1)."
-            raise ValueError(msg)
+            raise InputError(msg)
         self.pad_token_id = int(token_dictionary[PAD])
         self.mask_token_id = int(token_dictionary[MASK])
         self.special_token_ids = np.array(
@@ -82,7 +83,7 @@ class MaskedGeneCollator:
         )
         if self.gene_token_ids.size == 0:
             msg = "token dictionary holds no gene token."
-            raise ValueError(msg)
+            raise InputError(msg)
         self.vocab_size = len(token_dictionary)
         self.mlm_probability = float(mlm_probability)
         self.seed = int(seed)
@@ -155,7 +156,7 @@ class MaskedGeneCollator:
             labels = self.pad([f["labels"] for f in features], value=IGNORE_INDEX)
         elif any(with_labels):
             msg = "a batch mixes pre-masked cells (with labels) and cells without labels."
-            raise ValueError(msg)
+            raise InputError(msg)
         else:
             input_ids, labels = self.mask(input_ids)
         return {

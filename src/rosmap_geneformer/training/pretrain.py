@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, TrainingArguments
 
+from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.geneformer.model import DeviceSettings, select_device, validate_checkpoint
 from rosmap_geneformer.io import atomic_output
 from rosmap_geneformer.training.masking import (
@@ -108,7 +109,7 @@ class PretrainSettings:
                 f"params.yaml: base_model.pretrain has unknown key(s) {unknown}; "
                 f"known: {sorted(known)}."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         settings = cls(**values)
         checks = {
             "epochs": settings.epochs > 0,
@@ -128,7 +129,7 @@ class PretrainSettings:
                 f"params.yaml: base_model.pretrain.{bad[0]}={getattr(settings, bad[0])!r} "
                 "is out of range."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         return settings
 
 
@@ -159,10 +160,10 @@ def check_tokenized(
             f"{source}: lacks column(s) {missing} (has {dataset.column_names}); it must come from "
             "the tokenize stage."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if len(dataset) == 0:
         msg = f"{source}: holds no cell."
-        raise ValueError(msg)
+        raise InputError(msg)
     # The selected rows as one Arrow table (zero-copy for an unselected, memory-mapped dataset).
     table = dataset.select_columns(["input_ids", "length"]).with_format("arrow")[:]
     ids = table.column("input_ids")
@@ -170,7 +171,7 @@ def check_tokenized(
     length = table.column("length")
     if not pc.all(pc.equal(n_tokens, length)).as_py():
         msg = f"{source}: column 'length' differs from the number of input_ids in some cells."
-        raise ValueError(msg)
+        raise InputError(msg)
     flat = pc.list_flatten(ids)
     lo, hi = pc.min_max(flat).values()
     if lo.as_py() is not None and (lo.as_py() < 0 or hi.as_py() >= vocab_size):
@@ -179,14 +180,14 @@ def check_tokenized(
             f"{vocab_size} tokens. The dataset was tokenized with another dictionary; rerun the "
             "tokenize stage with models/dictionaries."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     longest = int(pc.max(n_tokens).as_py())
     if longest > max_length:
         msg = (
             f"{source}: cells have up to {longest} tokens but the model takes at most "
             f"{max_length} (tokenize.model_input_size / max_position_embeddings); retokenize."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return {
         "cells": len(dataset),
         "tokens": len(flat),
@@ -210,7 +211,7 @@ def holdout_split(
     n_eval = max(1, round(eval_fraction * used.size)) if eval_fraction > 0 else 0
     if n_eval >= used.size:
         msg = f"eval_fraction {eval_fraction} leaves no pretraining cell out of {used.size}."
-        raise ValueError(msg)
+        raise InputError(msg)
     order = rng.permutation(used.size)
     return np.sort(used[order[n_eval:]]), np.sort(used[order[:n_eval]])
 
@@ -320,7 +321,7 @@ def pretrain(
             f"config vocab_size {config.vocab_size} differs from the token dictionary "
             f"({len(token_dictionary)} tokens)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     stats = check_tokenized(
         train,
         vocab_size=config.vocab_size,
@@ -521,7 +522,7 @@ def import_checkpoint(
             f"{path}: the weights lack {len(encoder_missing)} encoder tensor(s), e.g. "
             f"{sorted(encoder_missing)[:5]}; is this a Geneformer BERT checkpoint?"
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if missing:
         logger.warning(
             "%s: no masked-LM head weights (%d tensors, e.g. %s); they are newly initialised "

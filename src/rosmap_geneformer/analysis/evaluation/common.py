@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from rosmap_geneformer.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 # Rows of softmax output sum to 1 up to float32/float16 rounding; logits do not.
@@ -32,10 +34,10 @@ def check_classes(classes: Sequence[str]) -> list[str]:
     names = [str(c) for c in classes]
     if len(names) < 2:
         msg = f"classes={names}: a classifier needs at least two classes (names in id order)."
-        raise ValueError(msg)
+        raise InputError(msg)
     if len(set(names)) != len(names):
         msg = f"classes={names}: class names must be unique (they name the id order)."
-        raise ValueError(msg)
+        raise InputError(msg)
     return names
 
 
@@ -43,10 +45,10 @@ def check_ids(y_true: Any, n_classes: int, *, what: str = "y_true") -> np.ndarra
     values = np.asarray(y_true)
     if values.ndim != 1:
         msg = f"{what}: expected a 1-D array of class ids, got shape {values.shape}."
-        raise ValueError(msg)
+        raise InputError(msg)
     if values.size == 0:
         msg = f"{what}: no cells to evaluate."
-        raise ValueError(msg)
+        raise InputError(msg)
     integral = np.issubdtype(values.dtype, np.integer) or (
         np.issubdtype(values.dtype, np.number) and np.all(values == np.round(values))
     )
@@ -55,7 +57,7 @@ def check_ids(y_true: Any, n_classes: int, *, what: str = "y_true") -> np.ndarra
             f"{what}: expected integer class ids (indices into classes), got dtype "
             f"{values.dtype}. Map label names to ids with classes.index(name)."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     ids = values.astype(np.int64)
     bad = (ids < 0) | (ids >= n_classes)
     if bad.any():
@@ -63,7 +65,7 @@ def check_ids(y_true: Any, n_classes: int, *, what: str = "y_true") -> np.ndarra
             f"{what}: class id {int(ids[bad][0])} is outside 0..{n_classes - 1}; "
             f"there are {n_classes} classes."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return ids
 
 
@@ -74,10 +76,10 @@ def check_probabilities(probabilities: Any, *, n_cells: int, n_classes: int) -> 
             f"probabilities: expected shape (n_cells, n_classes) = ({n_cells}, {n_classes}), "
             f"got {probs.shape}."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if not np.all(np.isfinite(probs)):
         msg = "probabilities: contains NaN or infinite values."
-        raise ValueError(msg)
+        raise InputError(msg)
     sums = probs.sum(axis=1)
     worst = int(np.argmax(np.abs(sums - 1.0)))
     if probs.min() < -_PROB_SUM_TOLERANCE or abs(sums[worst] - 1.0) > _PROB_SUM_TOLERANCE:
@@ -85,7 +87,7 @@ def check_probabilities(probabilities: Any, *, n_cells: int, n_classes: int) -> 
             f"probabilities: row {worst} sums to {sums[worst]:.6g} (min value {probs.min():.6g}); "
             "pass class probabilities (softmax of the logits, predict_proba), not logits."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return probs
 
 
@@ -93,16 +95,16 @@ def check_same_length(**arrays: Any) -> None:
     lengths = {name: len(values) for name, values in arrays.items()}
     if len(set(lengths.values())) > 1:
         msg = f"inputs differ in length: {lengths}; pass one value per cell, in the same order."
-        raise ValueError(msg)
+        raise InputError(msg)
 
 
 def check_bootstrap_options(n_boot: int, confidence: float) -> None:
     if int(n_boot) != n_boot or n_boot < 1:
         msg = f"n_boot={n_boot}: the number of bootstrap resamples must be a positive integer."
-        raise ValueError(msg)
+        raise InputError(msg)
     if not 0.0 < confidence < 1.0:
         msg = f"confidence={confidence}: must be between 0 and 1 (e.g. 0.95)."
-        raise ValueError(msg)
+        raise InputError(msg)
 
 
 def float_or_none(value: float) -> float | None:
@@ -123,7 +125,7 @@ def patient_labels(patient_ids: pd.Series, labels: np.ndarray) -> np.ndarray:
             "property, so every cell of a patient must carry the same label. Check the label "
             "derivation (metadata) and the patient_id column."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return grouped.first().to_numpy(dtype=np.int64)
 
 

@@ -42,6 +42,7 @@ from rosmap_geneformer.analysis.evaluation.plots import (
     plot_confusion_matrix,
     plot_patient_predictions,
 )
+from rosmap_geneformer.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def predictions_frame(
     if not cells.is_unique:
         dups = cells[cells.duplicated()].unique()
         msg = f"cell_ids: {len(dups)} duplicate cell id(s), e.g. {list(dups[:5])}."
-        raise ValueError(msg)
+        raise InputError(msg)
     lookup = np.asarray(names, dtype=object)
     frame = pd.DataFrame(
         {
@@ -170,11 +171,11 @@ def evaluate_predictions(
     """
     if task_kind not in TASK_KINDS:
         msg = f"task_kind={task_kind!r}: expected one of {list(TASK_KINDS)}."
-        raise ValueError(msg)
+        raise InputError(msg)
     names = check_classes(classes)
     if task_kind == "disease" and len(names) != 2:
         msg = f"task_kind='disease' needs two classes (negative, positive), got {names}."
-        raise ValueError(msg)
+        raise InputError(msg)
     check_same_length(
         cell_ids=cell_ids, patient_ids=patient_ids, y_true=y_true, probabilities=probabilities
     )
@@ -305,7 +306,7 @@ def write_evaluation(
     live_dir = out_dir / "live" if live_dir is None else Path(live_dir)
     if live_dir.resolve() == out_dir.resolve():
         msg = f"live_dir {live_dir} must differ from out_dir: dvclive would remove metrics.json."
-        raise ValueError(msg)
+        raise InputError(msg)
     written = []
     for name, obj in (("metrics.json", evaluation.metrics), ("details.json", evaluation.details)):
         io.write_json(obj, out_dir / name)

@@ -25,6 +25,7 @@ from rosmap_geneformer.analysis.evaluation.common import (
     resample_counts,
     scores_from_confusion,
 )
+from rosmap_geneformer.errors import InputError
 
 PATIENT_COLUMNS = ("patient_id", "label", "n_cells", "mean_p_positive", "frac_pred_positive")
 
@@ -61,7 +62,7 @@ def aggregate_patients(
     probs = np.asarray(prob_positive, dtype=np.float64)
     if not np.all(np.isfinite(probs)) or probs.min() < 0 or probs.max() > 1:
         msg = "prob_positive: values must be probabilities in [0, 1] (no NaN)."
-        raise ValueError(msg)
+        raise InputError(msg)
     if y_pred is None:
         called = probs > 0.5
     else:
@@ -95,10 +96,10 @@ def check_patients_frame(patients: pd.DataFrame) -> tuple[np.ndarray, np.ndarray
             f"patients frame lacks column(s) {missing}; build it with aggregate_patients "
             f"(columns {list(PATIENT_COLUMNS)})."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     if len(patients) == 0:
         msg = "patients frame is empty: no patients to evaluate."
-        raise ValueError(msg)
+        raise InputError(msg)
     labels = check_ids(patients["label"].to_numpy(), 2, what="patients['label']")
     return labels, patients["mean_p_positive"].to_numpy(dtype=np.float64)
 

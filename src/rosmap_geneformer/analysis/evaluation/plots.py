@@ -14,6 +14,7 @@ import pandas as pd
 
 from rosmap_geneformer.analysis.evaluation.common import check_classes
 from rosmap_geneformer.analysis.evaluation.patient_level import check_patients_frame
+from rosmap_geneformer.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def log_sklearn_plots(
     pred = [str(v) for v in y_pred_names]
     if len(true) != len(pred):
         msg = f"y_true_names ({len(true)}) and y_pred_names ({len(pred)}) differ in length."
-        raise ValueError(msg)
+        raise InputError(msg)
     logged = [f"{prefix}_confusion_matrix"]
     live.log_sklearn_plot(
         "confusion_matrix",
@@ -80,14 +81,14 @@ def log_sklearn_plots(
         return logged
     if positive_class is None:
         msg = "log_sklearn_plots: pass positive_class with prob_positive."
-        raise ValueError(msg)
+        raise InputError(msg)
     scores = np.asarray(prob_positive, dtype=np.float64)
     if curve_decimals is not None:
         scores = np.round(scores, curve_decimals)
     binary = (np.asarray(true, dtype=object) == positive_class).astype(np.int64)
     if len(scores) != len(binary):
         msg = f"prob_positive ({len(scores)}) and y_true_names ({len(binary)}) differ in length."
-        raise ValueError(msg)
+        raise InputError(msg)
     if len(np.unique(binary)) < 2:
         logger.warning("%s: one class only, ROC and precision-recall plots skipped", prefix)
         return logged

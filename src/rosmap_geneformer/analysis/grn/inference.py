@@ -25,6 +25,7 @@ from rosmap_geneformer.analysis.perturbation.engine import (
     gene_slice,
     perturb_cells,
 )
+from rosmap_geneformer.errors import InputError
 
 # --------------------------------------------------------------------------------------------
 # Inference
@@ -150,7 +151,7 @@ def infer_grn(
     """
     if control not in CONTROLS:
         msg = f"control={control!r}: use one of {list(CONTROLS)}."
-        raise ValueError(msg)
+        raise InputError(msg)
     chosen = regulator_cells(
         cells, regulators, max_cells=max_cells, special_tokens=special_tokens, seed=seed
     )

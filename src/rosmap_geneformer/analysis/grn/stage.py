@@ -30,7 +30,8 @@ from rosmap_geneformer.analysis.grn.scoring import (
 )
 from rosmap_geneformer.analysis.perturbation.engine import DEFAULT_MAX_TOKENS
 from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_var
-from rosmap_geneformer.params import check_known_keys
+from rosmap_geneformer.errors import InputError, MissingInputError
+from rosmap_geneformer.params import check_known_keys, check_names, names_warning
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +111,13 @@ class GRNSettings:
         settings = cls(**values)
         if settings.split == "test":
             msg = "params.yaml grn.split: test is reserved for evaluate; use train or val."
-            raise ValueError(msg)
+            raise InputError(msg)
         if settings.precision not in PRECISIONS:
             msg = f"params.yaml grn.precision={settings.precision!r}: use {list(PRECISIONS)}."
-            raise ValueError(msg)
+            raise InputError(msg)
         if settings.control not in CONTROLS:
             msg = f"params.yaml grn.control={settings.control!r}: use {list(CONTROLS)}."
-            raise ValueError(msg)
+            raise InputError(msg)
         return settings
 
     def regulator_names(self) -> list[str]:
@@ -126,14 +127,14 @@ class GRNSettings:
             path = Path(self.regulators_file)
             if not path.is_file():
                 msg = f"params.yaml grn.regulators_file: {path} not found."
-                raise FileNotFoundError(msg)
+                raise MissingInputError(msg)
             for line in path.read_text().splitlines():
                 line = line.split("#", 1)[0].strip()
                 if line:
                     names.append(line)
         if not names:
             msg = "params.yaml grn: no regulators; set grn.regulators or grn.regulators_file."
-            raise ValueError(msg)
+            raise InputError(msg)
         return list(dict.fromkeys(names))
 
 
@@ -169,6 +170,93 @@ def resolve_regulators(
     return found, missing
 
 
+def cells_per_token(cells: Sequence[np.ndarray], *, chunk: int = 4096) -> np.ndarray:
+    """How many of ``cells`` hold each token (index: token id; a gene appears once in a cell)."""
+    counts = np.zeros(0, dtype=np.int64)
+    for start in range(0, len(cells), chunk):
+        part = [np.asarray(c, dtype=np.int64) for c in cells[start : start + chunk]]
+        if not part:
+            continue
+        found = np.bincount(np.concatenate(part))
+        if found.size > counts.size:
+            found[: counts.size] += counts
+            counts = found
+        else:
+            counts[: found.size] += found
+    return counts
+
+
+def check_regulators(
+    names: Sequence[str],
+    found: Mapping[str, int],
+    expressed: np.ndarray,
+    annotation: pd.DataFrame,
+    *,
+    settings: GRNSettings,
+    source: str,
+) -> tuple[list[str], dict[str, Any] | None]:
+    """Regulators absent from the data: a warning entry while some remain, an error when none.
+
+    Parameters
+    ----------
+    names
+        The regulators asked for.
+    found
+        Those in the vocabulary (name -> token).
+    expressed
+        Cells per token among the cells used (:func:`cells_per_token`).
+    annotation
+        Token -> ``ensembl_id``, ``symbol``.
+    settings
+        ``params.yaml: grn``.
+    source
+        The tokenized dataset, named in the messages.
+
+    Returns
+    -------
+    The regulators in the vocabulary but in none of the cells, and the warning entry for the
+    stage's summary (logged here) or ``None`` when every regulator is in the data.
+
+    Raises
+    ------
+    InputError
+        When no regulator is expressed in the cells; the message lists the genes that are.
+    """
+
+    def n_cells(token: int) -> int:
+        return int(expressed[token]) if token < expressed.size else 0
+
+    not_expressed = [n for n, t in found.items() if n_cells(t) == 0]
+    absent = [n for n in names if n not in found or n in not_expressed]
+    if not absent:
+        return not_expressed, None
+    if settings.regulators_file:
+        key = "grn.regulators + grn.regulators_file"
+        fix = f"Fix the names in grn.regulators (params.yaml) or in {settings.regulators_file}"
+    else:
+        key, fix = "grn.regulators", "Fix grn.regulators in params.yaml"
+    where = f"the {settings.split} cells of {source}"
+    if settings.cell_types:
+        where += f" (cell types {', '.join(settings.cell_types)})"
+    present = [
+        symbol or gene
+        for token, gene, symbol in annotation[["ensembl_id", "symbol"]].itertuples()
+        if n_cells(int(token)) > 0
+    ]
+    if len(absent) == len(names):
+        check_names(absent, present, key=key, what="gene expressed", source=where, fix=f"{fix}.")
+    entry = names_warning(
+        absent,
+        present,
+        key=key,
+        what="gene expressed",
+        source=where,
+        consequence=f"Skipped: {len(names) - len(absent)} of {len(names)} regulators remain. {fix}",
+    )
+    logger.warning("%s", entry["message"])
+    return not_expressed, entry
+
+
 def grn_dataset(
     encoder: BertModel,
     dataset: Any,
@@ -181,6 +269,7 @@ def grn_dataset(
     pad_token_id: int = 0,
     seed: int = 0,
     progress: bool = True,
+    source: str = "the tokenized dataset",
 ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, np.ndarray] | None]:
     """The ``grn`` stage: infer edges by deletion, add the baselines, score against the truth.
 
@@ -208,17 +297,33 @@ def grn_dataset(
         Seeds the cell subsets and the random baseline.
     progress
         Show progress bars.
+    source
+        Where ``dataset`` was read (named in the messages).
 
     Returns
     -------
     The edges (with symbols, the model weight and the co-expression score), the summary for
-    the stage report (with the metrics when a truth is given), and the truth labels with the
-    method scores (for the PR plot) or ``None``.
+    the stage report (with the metrics when a truth is given, and ``warnings``: regulators
+    absent from the data, a truth network that holds none of them), and the truth labels with
+    the method scores (for the PR plot) or ``None``.
+
+    Raises
+    ------
+    InputError
+        When a name of ``grn.cell_types`` matches no cell, or no regulator is in the data.
     """
     from rosmap_geneformer.analysis.embeddings import hidden_layer_index
 
     layer_index = hidden_layer_index(encoder.config.num_hidden_layers, settings.emb_layer)
     types = np.asarray(dataset["cell_type"], dtype=object)
+    check_names(
+        settings.cell_types,
+        {t for t in types.tolist() if t is not None},
+        key="grn.cell_types",
+        what="cell type",
+        source=source,
+        column="cell_type",
+    )
     keep = (
         np.ones(len(dataset), bool)
         if settings.cell_types is None
@@ -230,6 +335,11 @@ def grn_dataset(
     cells = list(subset.with_format("numpy")["input_ids"])
     names = settings.regulator_names()
     found, missing = resolve_regulators(names, annotation)
+    not_expressed, warning = check_regulators(
+        names, found, cells_per_token(cells), annotation, settings=settings, source=source
+    )
+    warnings = [] if warning is None else [warning]
+    found = {n: t for n, t in found.items() if n not in not_expressed}
     summary: dict[str, Any] = {
         "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
         "layer_index": layer_index,
@@ -241,10 +351,10 @@ def grn_dataset(
         "regulators": {
             "requested": len(names),
             "not_in_vocabulary": missing,
+            "not_expressed": not_expressed,
         },
+        "warnings": warnings,
     }
-    if missing:
-        logger.warning("regulators not in the vocabulary (skipped): %s", ", ".join(missing))
     result = infer_grn(
         encoder,
         cells,
@@ -292,7 +402,7 @@ def grn_dataset(
             f"grn: {(cell_rows < 0).sum()} tokenized cells are missing from the sampled cell "
             f"table of split {settings.split}; rerun tokenize and sample."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     column_of = {gene: j for j, gene in enumerate(read_var(matrix)["ensembl_id"])}
     token_columns = {
         int(t): column_of[gene] for t, gene in annotation["ensembl_id"].items() if gene in column_of
@@ -347,6 +457,18 @@ def grn_dataset(
                 if str(s).upper() in truth_regs or str(i) in truth_regs
             }
         )
+        if not evaluable:
+            entry = {
+                "key": "grn.truth",
+                "missing": sorted(str(r) for r in edges["regulator_symbol"].unique()),
+                "message": (
+                    f"params.yaml grn.truth: {settings.truth} has no edge from any regulator "
+                    "used; the scores below rank edges that are all negative. Set grn.truth to "
+                    "a truth network of these regulators, or leave it empty to skip scoring."
+                ),
+            }
+            logger.warning("%s", entry["message"])
+            warnings.append(entry)
         mask = np.isin(edges["regulator_symbol"].to_numpy(), evaluable)
         metrics["evaluable_regulators"] = evaluable
         if mask.any():

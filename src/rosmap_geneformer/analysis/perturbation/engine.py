@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from transformers import BertModel
 
 from rosmap_geneformer.analysis.embeddings import hidden_states, mean_pool
+from rosmap_geneformer.errors import InputError
 
 PERTURB_TYPES = ("delete", "overexpress")
 # Tokens per forward pass; bounds the activations held at once (about 4 x hidden x intermediate
@@ -54,7 +55,7 @@ DEFAULT_MAX_TOKENS = 16_384
 def _check_type(perturb_type: str) -> None:
     if perturb_type not in PERTURB_TYPES:
         msg = f"perturb_type={perturb_type!r}: use one of {list(PERTURB_TYPES)}."
-        raise ValueError(msg)
+        raise InputError(msg)
 
 
 def gene_slice(length: int, *, special_tokens: bool) -> slice:
@@ -190,7 +191,7 @@ def perturbation_batch(
             f"positions {positions.tolist()} include a non-gene position for a cell of "
             f"{len(ids)} tokens (genes are positions {genes.start}..{genes.stop - 1})."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     index = perturbation_index(
         len(ids), positions, perturb_type=perturb_type, special_tokens=special_tokens
     )
@@ -323,7 +324,7 @@ def perturb_cells(
     _check_type(perturb_type)
     if len(cells) != len(positions):
         msg = f"{len(cells)} cells but {len(positions)} position lists."
-        raise ValueError(msg)
+        raise InputError(msg)
     device = _encoder_device(encoder)
     lengths = np.fromiter((len(c) for c in cells), dtype=np.int64, count=len(cells))
     counts = np.fromiter((len(p) for p in positions), dtype=np.int64, count=len(cells))

@@ -36,7 +36,8 @@ from rosmap_geneformer.analysis.perturbation.statistics import (
     perturbation_table,
     state_shifts,
 )
-from rosmap_geneformer.params import check_known_keys
+from rosmap_geneformer.errors import InputError
+from rosmap_geneformer.params import check_known_keys, check_names
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def run_state_perturbation(
     """
     if goal_state not in centroids:
         msg = f"goal state {goal_state!r} has no centroid; states: {sorted(centroids)}."
-        raise ValueError(msg)
+        raise InputError(msg)
     positions = perturbation_positions(
         cells, genes, perturb_type=perturb_type, special_tokens=special_tokens
     )
@@ -284,16 +285,16 @@ class PerturbSettings:
         bad = sorted(set(settings.types) - set(PERTURB_TYPES))
         if bad or not settings.types:
             msg = f"params.yaml perturb.types={list(settings.types)}: use {list(PERTURB_TYPES)}."
-            raise ValueError(msg)
+            raise InputError(msg)
         if settings.split == "test":
             msg = "params.yaml perturb.split: test is reserved for evaluate; use train or val."
-            raise ValueError(msg)
+            raise InputError(msg)
         if settings.precision not in PRECISIONS:
             msg = f"params.yaml perturb.precision={settings.precision!r}: use {list(PRECISIONS)}."
-            raise ValueError(msg)
+            raise InputError(msg)
         if settings.rank_by not in RANK_BY:
             msg = f"params.yaml perturb.rank_by={settings.rank_by!r}: use one of {list(RANK_BY)}."
-            raise ValueError(msg)
+            raise InputError(msg)
         return settings
 
 
@@ -334,6 +335,7 @@ def perturb_dataset(
     pad_token_id: int = 0,
     seed: int = 0,
     progress: bool = True,
+    source: str | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """The ``perturb`` stage: select cells, compute state centroids, perturb, test, rank.
 
@@ -356,25 +358,62 @@ def perturb_dataset(
         Seeds the cell subsets and the null.
     progress
         Show progress bars.
+    source
+        Where ``dataset`` was read (named in the messages).
 
     Returns
     -------
     One ranked table per perturbation type, and the summary (counts and settings) for the
     stage report.
+
+    Raises
+    ------
+    InputError
+        When ``perturb.state_key``, ``perturb.cell_type`` or a state (``start_state``,
+        ``goal_state``, ``alt_states``) matches nothing in the dataset, or the cell type has no
+        cell in one of the states.
     """
     from rosmap_geneformer.analysis.embeddings import cell_embeddings, hidden_layer_index
 
-    for column in (settings.state_key, "cell_type", "input_ids"):
+    source = source or f"the tokenized {settings.split} dataset"
+    check_names(
+        [settings.state_key],
+        dataset.column_names,
+        key="perturb.state_key",
+        what="column",
+        source=source,
+        fix="Fix the name in params.yaml, or add the column to tokenize.columns and rerun the "
+        "tokenize stage.",
+    )
+    for column in ("cell_type", "input_ids"):
         if column not in dataset.column_names:
             msg = (
-                f"tokenized {settings.split} dataset: no column {column!r} (columns: "
-                f"{dataset.column_names}); check perturb.state_key and tokenize.columns."
+                f"{source}: no column {column!r} (columns: {dataset.column_names}); rerun the "
+                "tokenize stage (with cell_type in tokenize.columns)."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
     rng = np.random.default_rng(seed)
     layer_index = hidden_layer_index(encoder.config.num_hidden_layers, settings.emb_layer)
     states = np.asarray(dataset[settings.state_key], dtype=object)
     types = np.asarray(dataset["cell_type"], dtype=object)
+    if settings.cell_type is not None:
+        check_names(
+            [settings.cell_type],
+            {t for t in types.tolist() if t is not None},
+            key="perturb.cell_type",
+            what="cell type",
+            source=source,
+            column="cell_type",
+        )
+    known_states = {s for s in states.tolist() if s is not None}
+    for key, names in (
+        ("perturb.start_state", [settings.start_state]),
+        ("perturb.goal_state", [settings.goal_state]),
+        ("perturb.alt_states", list(settings.alt_states)),
+    ):
+        check_names(
+            names, known_states, key=key, what="state", source=source, column=settings.state_key
+        )
     in_type = (
         np.ones(len(dataset), bool) if settings.cell_type is None else types == settings.cell_type
     )
@@ -394,11 +433,12 @@ def perturb_dataset(
     missing = [s for s in wanted_states if not ((states == s) & in_type).any()]
     if missing:
         msg = (
-            f"perturb: no {settings.split} cells of cell type {settings.cell_type!r} in state(s) "
-            f"{missing} (column {settings.state_key!r}; present: "
-            f"{summary['cells']['by_state']}). Check perturb.cell_type and the states."
+            f"params.yaml perturb.cell_type: {source} has no {settings.cell_type} cells in "
+            f"state(s) {', '.join(map(str, missing))} ({settings.state_key}; {settings.cell_type} "
+            f"cells per state: {summary['cells']['by_state']}). Choose another perturb.cell_type "
+            "or other states in params.yaml."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
 
     # Centroids of the goal and alternative states (and the start state, for reference).
     centroids: dict[str, np.ndarray] = {}

@@ -19,6 +19,7 @@ import pandas as pd
 from scipy import stats
 
 from rosmap_geneformer.analysis.perturbation.engine import cosine
+from rosmap_geneformer.errors import InputError
 
 RANK_BY = ("goal", "net")
 # Key of the net shift (towards the goal minus towards the start state) among the state shifts.
@@ -162,10 +163,10 @@ def perturbation_table(
     """
     if rank_by not in RANK_BY:
         msg = f"rank_by={rank_by!r}: use one of {list(RANK_BY)}."
-        raise ValueError(msg)
+        raise InputError(msg)
     if rank_by == "net" and NET not in shifts:
         msg = "rank_by='net' needs the start state's centroid (the net shift)."
-        raise ValueError(msg)
+        raise InputError(msg)
     goal = shift_statistics(shifts[goal_state], null_size=null_size, seed=seed)
     table = goal.copy()
     for state in sorted(s for s in shifts if s not in (goal_state, NET)) + (

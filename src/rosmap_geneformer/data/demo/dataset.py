@@ -34,6 +34,7 @@ from rosmap_geneformer.data.demo.simulation import (
     draw_donors,
     simulate_units,
 )
+from rosmap_geneformer.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -435,7 +436,7 @@ def generate_demo_from_params(
             f"params.yaml demo: unknown key(s) {unknown}. Known keys: {sorted(accepted)}; fix "
             "the spelling or remove the key."
         )
-        raise KeyError(msg)
+        raise InputError(msg)
     return generate_demo(**demo, seed=seed, columns=columns)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from rosmap_geneformer.data import gene_map
+from rosmap_geneformer.errors import InputError
 
 ENSEMBL_RELEASE = 93
 PRIMARY_CHROMOSOMES = gene_map.PRIMARY_CHROMOSOMES
@@ -122,7 +123,7 @@ def _primary_id(table: pd.DataFrame, symbol: str) -> str:
             f"Ensembl {ENSEMBL_RELEASE} table: expected one primary-assembly gene named {symbol!r}, "
             f"found {len(hits)}. Pick another gene for the synthetic data set."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     return str(hits[0])
 
 
@@ -131,7 +132,7 @@ def _draw(rng: np.random.Generator, pool: Sequence[str], size: int, *, what: str
     pool = sorted(pool)
     if size > len(pool):
         msg = f"synthetic genes: need {size} {what}, only {len(pool)} candidates. Lower the demo count."
-        raise ValueError(msg)
+        raise InputError(msg)
     picked = rng.choice(len(pool), size=size, replace=False) if size else np.array([], dtype=int)
     return sorted(pool[i] for i in picked)
 
@@ -208,7 +209,7 @@ def select_genes(
             f"params.yaml demo.n_tf_programs={n_tf_programs}: at most {len(TF_PROGRAMS)} TF "
             "programs are defined in rosmap_geneformer.data.demo.genes.TF_PROGRAMS."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     table = gene_map.load_bundled_annotation(ENSEMBL_RELEASE)
     owners = _symbol_owners(ENSEMBL_RELEASE)
     name_counts = table["gene_name"].value_counts()
@@ -276,7 +277,7 @@ def select_genes(
             f"{n_duplicate_genes} duplicates leave {n_fill} background genes, but TF targets, "
             f"duplicates and extra AD genes need {needed}. Raise demo.n_genes."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
     fill = _draw(rng, sorted(set(pool) - used_ids), n_fill, what="background genes")
     for gene_id in fill:
         add(table.at[gene_id, "gene_name"], gene_id, "gene_name", "background")
@@ -295,7 +296,7 @@ def select_genes(
         name = table.at[gene_id, "gene_name"]
         if f"{name}-1" in owners:
             msg = f"synthetic genes: {name}-1 is a real symbol; cannot use {name} as a duplicate."
-            raise ValueError(msg)
+            raise InputError(msg)
         add(f"{name}-1", gene_id, "duplicate_suffix", "background")
 
     frame = pd.DataFrame(rows)

@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 from optuna.trial import TrialState
 
+from rosmap_geneformer.errors import InputError, MissingInputError
 from rosmap_geneformer.io import atomic_output, save_figure, write_json, write_tsv
 from rosmap_geneformer.training.tuning.search import finite
 from rosmap_geneformer.training.tuning.space import SEARCHABLE
@@ -96,15 +97,15 @@ def load_best_params(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         msg = f"{path}: not found; run the tune stage (`dvc repro tune`) first."
-        raise FileNotFoundError(msg)
+        raise MissingInputError(msg)
     best = yaml.safe_load(path.read_text())
     if not isinstance(best, dict) or set(best) != {"train"} or not isinstance(best["train"], dict):
         msg = f"{path}: expected a mapping with one key, train."
-        raise ValueError(msg)
+        raise InputError(msg)
     unknown = sorted(set(best["train"]) - set(SEARCHABLE))
     if unknown:
         msg = f"{path}: unknown train key(s) {unknown}."
-        raise ValueError(msg)
+        raise InputError(msg)
     return best
 
 

@@ -25,6 +25,7 @@ import optuna
 from optuna.trial import TrialState
 from transformers import TrainerCallback
 
+from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.training import finetune
 from rosmap_geneformer.training.tasks import PreparedTask, TaskSpec
 from rosmap_geneformer.training.tuning.space import SearchSpace, TuneSettings, is_number
@@ -49,7 +50,7 @@ def resolve_storage(storage: str | None, *, checkpoints: str | Path) -> str:
         value = os.environ.get(name)
         if not value:
             msg = f"params.yaml: tune.storage={storage!r}, but the variable {name} is not set."
-            raise ValueError(msg)
+            raise InputError(msg)
         storage = value
     return storage
 
@@ -79,7 +80,7 @@ def check_shared_storage(location: str) -> None:
             "two workers could run the same trial). Use the default journal file on one "
             "machine, or a PostgreSQL/MySQL URL for many."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
 
 
 def make_sampler(settings: TuneSettings, *, seed: int | None) -> optuna.samplers.TPESampler:
@@ -344,7 +345,7 @@ class Objective:
         best = trainer.state.best_metric
         if best is None or not math.isfinite(best):
             msg = f"trial {trial.number}: the val {metric} was never finite ({pruning.history})."
-            raise ValueError(msg)
+            raise InputError(msg)
         epochs = [h["epoch"] for h in pruning.history]
         values_by_epoch = [h[metric] for h in pruning.history]
         trial.set_user_attr("epochs_run", len(epochs))
@@ -434,7 +435,7 @@ def check_patients_disjoint(train: datasets.Dataset, val: datasets.Dataset) -> N
             f"patients {shared[:5]} are in both train and val; the split must be by patient. "
             "Rerun the split stage."
         )
-        raise ValueError(msg)
+        raise InputError(msg)
 
 
 def remove_work_dir(path: str | Path) -> None:

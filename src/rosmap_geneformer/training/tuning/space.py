@@ -19,6 +19,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.training import finetune
 
 #: ``train`` keys a study searches; ``tune.space`` must give each a range, choices or a value.
@@ -58,34 +59,34 @@ def parse_distribution(key: str, spec: Any) -> BaseDistribution:
     unknown = sorted(set(spec) - {"low", "high", "log", "step", "choices"})
     if unknown:
         msg = f"{where} has unknown key(s) {unknown}; use low/high (log, step) or choices."
-        raise ValueError(msg)
+        raise InputError(msg)
     if "choices" in spec:
         if set(spec) != {"choices"}:
             msg = f"{where}: give either choices or low/high, not both."
-            raise ValueError(msg)
+            raise InputError(msg)
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             msg = f"{where}.choices must be a non-empty list, got {choices!r}."
-            raise ValueError(msg)
+            raise InputError(msg)
         for value in choices:
             ok = isinstance(value, str) if kind is str else is_number(value)
             if kind is int:
                 ok = ok and float(value).is_integer()
             if not ok:
                 msg = f"{where}: choice {value!r} is not a {kind.__name__}."
-                raise ValueError(msg)
+                raise InputError(msg)
         if len(set(choices)) != len(choices):
             msg = f"{where}: choices {choices} repeat a value."
-            raise ValueError(msg)
+            raise InputError(msg)
         cast = [kind(v) for v in choices]
         return CategoricalDistribution(cast)
     if kind is str:
         msg = f"{where}: a string parameter takes choices: [...], not a range."
-        raise ValueError(msg)
+        raise InputError(msg)
     missing = [k for k in ("low", "high") if k not in spec]
     if missing:
         msg = f"{where} lacks {missing}; give low and high (or choices)."
-        raise ValueError(msg)
+        raise InputError(msg)
     low, high = spec["low"], spec["high"]
     log = bool(spec.get("log", False))
     step = spec.get("step")
@@ -94,16 +95,16 @@ def parse_distribution(key: str, spec: Any) -> BaseDistribution:
             continue
         if not is_number(value) or (kind is int and not float(value).is_integer()):
             msg = f"{where}.{name}={value!r} is not a {kind.__name__}."
-            raise ValueError(msg)
+            raise InputError(msg)
     if low > high:
         msg = f"{where}: low {low!r} is above high {high!r}; swap them."
-        raise ValueError(msg)
+        raise InputError(msg)
     if log and low <= 0:
         msg = f"{where}: log: true needs low > 0 (got {low!r})."
-        raise ValueError(msg)
+        raise InputError(msg)
     if log and step is not None:
         msg = f"{where}: log and step cannot be combined."
-        raise ValueError(msg)
+        raise InputError(msg)
     if kind is int:
         return IntDistribution(int(low), int(high), log=log, step=int(step or 1))
     return FloatDistribution(float(low), float(high), log=log, step=step)
@@ -144,7 +145,7 @@ class SearchSpace:
         """
         if not isinstance(space, Mapping):
             msg = f"params.yaml: tune.space must be a mapping, got {type(space).__name__}."
-            raise ValueError(msg)
+            raise InputError(msg)
         unknown = sorted(set(space) - set(SEARCHABLE))
         missing = [k for k in SEARCHABLE if k not in space]
         if unknown:
@@ -152,13 +153,13 @@ class SearchSpace:
                 f"params.yaml: tune.space has unknown key(s) {unknown}; it searches "
                 f"{list(SEARCHABLE)} (the other train keys are fixed: {list(FIXED)})."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         if missing:
             msg = (
                 f"params.yaml: tune.space lacks {missing}; give each a range, choices or a "
                 "single value (e.g. freeze_layers: 0)."
             )
-            raise ValueError(msg)
+            raise InputError(msg)
         distributions = {key: parse_distribution(key, space[key]) for key in SEARCHABLE}
         for key, distribution in distributions.items():
             for value in _points(distribution):
@@ -166,7 +167,7 @@ class SearchSpace:
                     finetune.Hyperparameters.from_params({**fixed, key: value})
                 except ValueError as exc:
                     msg = f"params.yaml: tune.space.{key}: {value!r} is not allowed ({exc})"
-                    raise ValueError(msg) from exc
+                    raise InputError(msg) from exc
         if n_layers is not None:
             most = max(_points(distributions["freeze_layers"]))
             if most > n_layers:
@@ -174,7 +175,7 @@ class SearchSpace:
                     f"params.yaml: tune.space.freeze_layers reaches {most}, but the base model "
                     f"has {n_layers} encoder layers."
                 )
-                raise ValueError(msg)
+                raise InputError(msg)
         return cls(distributions=distributions)
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
@@ -199,7 +200,7 @@ class SearchSpace:
         unknown = sorted(set(point) - set(self.distributions))
         if unknown:
             msg = f"{where} has unknown key(s) {unknown}; use keys of tune.space."
-            raise ValueError(msg)
+            raise InputError(msg)
         for key, value in point.items():
             distribution = self.distributions[key]
             if isinstance(distribution, CategoricalDistribution):
@@ -213,7 +214,7 @@ class SearchSpace:
                 )
             if not inside:
                 msg = f"{where}.{key}={value!r} is outside tune.space.{key} ({distribution})."
-                raise ValueError(msg)
+                raise InputError(msg)
 
 
 @dataclass(kw_only=True)
@@ -272,29 +273,29 @@ class TuneSettings:
         unknown = sorted(set(tune) - known)
         if unknown:
             msg = f"params.yaml: tune has unknown key(s) {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
+            raise InputError(msg)
         for key in ("task", "n_trials", "space"):
             if key not in tune:
                 msg = f"params.yaml: tune.{key} is missing."
-                raise ValueError(msg)
+                raise InputError(msg)
         n_trials = tune["n_trials"]
         if not isinstance(n_trials, int) or isinstance(n_trials, bool) or n_trials < 1:
             msg = f"params.yaml: tune.n_trials={n_trials!r} must be a positive integer."
-            raise ValueError(msg)
+            raise InputError(msg)
         space = SearchSpace.from_params(tune["space"], fixed=fixed, n_layers=n_layers)
         enqueue = list(tune.get("enqueue") or [])
         for i, point in enumerate(enqueue):
             if not isinstance(point, Mapping):
                 msg = f"params.yaml: tune.enqueue[{i}] must be a mapping of tune.space keys."
-                raise ValueError(msg)
+                raise InputError(msg)
             space.check_point(point, where=f"params.yaml: tune.enqueue[{i}]")
         if len(enqueue) > n_trials:
             msg = f"params.yaml: tune.enqueue has {len(enqueue)} points, above tune.n_trials."
-            raise ValueError(msg)
+            raise InputError(msg)
         sampler = dict(tune.get("sampler") or {})
         if set(sampler) - {"n_startup_trials"}:
             msg = "params.yaml: tune.sampler takes n_startup_trials only."
-            raise ValueError(msg)
+            raise InputError(msg)
         pruner = tune.get("pruner")
         if pruner is not None:
             pruner = dict(pruner)
@@ -305,7 +306,7 @@ class TuneSettings:
                     "params.yaml: tune.pruner takes n_startup_trials and n_warmup_steps "
                     "(non-negative integers), or null for no pruning."
                 )
-                raise ValueError(msg)
+                raise InputError(msg)
         return cls(
             task=str(tune["task"]),
             n_trials=n_trials,
