@@ -16,7 +16,7 @@ from scipy import sparse
 from toy_annotation import G, toy_annotation
 from toy_annotation import ensembl_id as _id
 
-from builders import load_stage
+from builders import LENIENT_LOSSES, load_stage
 from rosmap_geneformer.data.convert_genes import convert_genes, convert_genes_file
 from rosmap_geneformer.data.gene_map import build_gene_map, write_gene_map
 
@@ -76,7 +76,7 @@ def _adata(values: np.ndarray | None = None, var_names: list[str] | None = None)
 
 def test_convert_sums_symbols_that_share_an_id(gene_map: pd.DataFrame) -> None:
     values = _counts()
-    result = convert_genes(_adata(values), gene_map, source="counts.h5ad")
+    result = convert_genes(_adata(values), gene_map, source="counts.h5ad", losses=LENIENT_LOSSES)
     out = result.adata
     col = {name: values[:, i] for i, name in enumerate(VAR_NAMES)}
 
@@ -105,7 +105,7 @@ def test_convert_sums_symbols_that_share_an_id(gene_map: pd.DataFrame) -> None:
 
 def test_convert_reports_lost_genes_and_numbers(gene_map: pd.DataFrame) -> None:
     values = _counts()
-    result = convert_genes(_adata(values), gene_map, source="counts.h5ad")
+    result = convert_genes(_adata(values), gene_map, source="counts.h5ad", losses=LENIENT_LOSSES)
     totals = dict(zip(VAR_NAMES, values.sum(axis=0).astype(int), strict=True))
 
     lost = result.lost
@@ -149,33 +149,35 @@ def test_convert_reports_lost_genes_and_numbers(gene_map: pd.DataFrame) -> None:
 def test_convert_without_any_mapped_gene_explains(gene_map: pd.DataFrame) -> None:
     adata = _adata(np.ones((4, 3), dtype=np.float32), var_names=["Gapdh", "Actb", "Snap25"])
     with pytest.raises(ValueError, match=r"mouse_counts\.h5ad.*none of the 3 var_names.*human"):
-        convert_genes(adata, gene_map, source="mouse_counts.h5ad")
+        convert_genes(adata, gene_map, source="mouse_counts.h5ad", losses=LENIENT_LOSSES)
 
 
 def test_convert_refuses_normalised_counts(gene_map: pd.DataFrame) -> None:
     values = _counts()
     values[0, 0] = 0.5
     with pytest.raises(ValueError, match=r"counts\.h5ad.*non-integer"):
-        convert_genes(_adata(values), gene_map, source="counts.h5ad")
+        convert_genes(_adata(values), gene_map, source="counts.h5ad", losses=LENIENT_LOSSES)
 
 
 def test_convert_refuses_duplicate_cell_names(gene_map: pd.DataFrame) -> None:
     adata = _adata()
     adata.obs_names = ["same-1"] * adata.n_obs
     with pytest.raises(ValueError, match=r"counts\.h5ad.*duplicate cell name"):
-        convert_genes(adata, gene_map, source="counts.h5ad")
+        convert_genes(adata, gene_map, source="counts.h5ad", losses=LENIENT_LOSSES)
 
 
 def test_convert_refuses_missing_batch_column(gene_map: pd.DataFrame) -> None:
     with pytest.raises(ValueError, match=r"counts\.h5ad.*library_id"):
-        convert_genes(_adata(), gene_map, batch_key="library_id", source="counts.h5ad")
+        convert_genes(
+            _adata(), gene_map, batch_key="library_id", source="counts.h5ad", losses=LENIENT_LOSSES
+        )
 
 
 def test_convert_accepts_dense_integer_counts(gene_map: pd.DataFrame) -> None:
     values = _counts()
     adata = _adata(values)
     adata.X = values.astype(np.int64)
-    out = convert_genes(adata, gene_map).adata
+    out = convert_genes(adata, gene_map, losses=LENIENT_LOSSES).adata
     assert sparse.isspmatrix_csr(out.X)
     assert out.X.dtype == np.float32
     np.testing.assert_array_equal(out.obs["n_counts"].to_numpy(), values.sum(axis=1))
@@ -188,11 +190,13 @@ def test_streamed_file_equals_in_memory_and_ignores_chunk_size(
     adata = _adata(values)
     adata.uns["source"] = {"release": 93}
     adata.write_h5ad(tmp_path / "counts.h5ad")
-    in_memory = convert_genes(adata, gene_map, source="counts.h5ad")
+    in_memory = convert_genes(adata, gene_map, source="counts.h5ad", losses=LENIENT_LOSSES)
     digests = set()
     for chunk_size in (1, 4, values.shape[0] + 10):
         out = tmp_path / f"ensembl_{chunk_size}.h5ad"
-        result = convert_genes_file(tmp_path / "counts.h5ad", out, gene_map, chunk_size=chunk_size)
+        result = convert_genes_file(
+            tmp_path / "counts.h5ad", out, gene_map, chunk_size=chunk_size, losses=LENIENT_LOSSES
+        )
         assert result.adata is None
         assert result.report == in_memory.report
         pd.testing.assert_frame_equal(result.lost, in_memory.lost)
@@ -215,7 +219,9 @@ def test_streamed_conversion_refuses_bad_values_in_a_late_chunk(
     _adata(values).write_h5ad(tmp_path / "counts.h5ad")
     out = tmp_path / "ensembl.h5ad"
     with pytest.raises(ValueError, match=r"counts\.h5ad.*non-integer"):
-        convert_genes_file(tmp_path / "counts.h5ad", out, gene_map, chunk_size=2)
+        convert_genes_file(
+            tmp_path / "counts.h5ad", out, gene_map, chunk_size=2, losses=LENIENT_LOSSES
+        )
     assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
 
 
@@ -245,6 +251,7 @@ def _project(root: Path, gene_map: pd.DataFrame) -> None:
             "cell_annotation": "cell_annotation.tsv",
         },
         "gene_map": {"source": "bundled", "release": 93, "biomart_host": "http://unused"},
+        "losses": LENIENT_LOSSES.model_dump(),
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "data/raw/demo").mkdir(parents=True)

@@ -340,7 +340,7 @@ def test_bad_params_are_refused() -> None:
         generate_demo(**{**TINY, "n_genes": 60}, seed=0)
     with pytest.raises(ValueError, match="demo.doublet_rate"):
         generate_demo(**{**TINY, "doublet_rate": 0.7}, seed=0)
-    with pytest.raises(KeyError, match="n_cell"):
+    with pytest.raises(ValueError, match="n_cell"):
         generate_demo_from_params({**TINY, "n_cell": 3}, seed=0)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from builders import LENIENT_LOSSES
 from rosmap_geneformer.data import metadata
 
 COLUMNS = {
@@ -78,7 +79,12 @@ def test_annotate_joins_and_counts_drops() -> None:
     )
     labels = pd.Series({"D1": "AD", "D2": np.nan, "D3": "control"}, dtype=object)
     out, report = metadata.annotate_cells(
-        cells, annotation=annotation, donors=_donors(), labels=labels, columns=COLUMNS
+        cells,
+        annotation=annotation,
+        donors=_donors(),
+        labels=labels,
+        columns=COLUMNS,
+        losses=LENIENT_LOSSES,
     )
     assert out.index.tolist() == [cells.index[i] for i in (0, 1, 4)]
     assert out["cell_type"].tolist() == ["Exc", "Mic", "Oli"]

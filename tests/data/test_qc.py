@@ -16,6 +16,7 @@ import pytest
 import yaml
 from scipy import sparse
 
+from builders import LENIENT_LOSSES
 from rosmap_geneformer import counts
 from rosmap_geneformer.data import qc
 from rosmap_geneformer.data.doublets import scrublet_parts
@@ -148,7 +149,9 @@ def run(
 ) -> qc.QCResult:
     """QC of every cell of ``adata``, written as the matrix at ``path``."""
     options.setdefault("batch_key", "batch")
-    return qc.run_qc(write_split(adata, path), path, settings=settings, **options)
+    return qc.run_qc(
+        write_split(adata, path), path, settings=settings, **options, losses=LENIENT_LOSSES
+    )
 
 
 def kept_cells(result: qc.QCResult) -> pd.DataFrame:
@@ -274,7 +277,13 @@ def test_cell_table_is_byte_deterministic_and_independent_of_workers(data: dict)
     table = counts.cell_table(data["adata"].obs, np.ones(data["adata"].n_obs, dtype=bool))
     # Two worker processes, one BLAS thread each, against one process with the default threads.
     again = qc.run_qc(
-        table, data["path"], batch_key="batch", settings=SETTINGS, split="train", workers=2
+        table,
+        data["path"],
+        batch_key="batch",
+        settings=SETTINGS,
+        split="train",
+        workers=2,
+        losses=LENIENT_LOSSES,
     )
     write_reports(result, report=root / "a.json", plots=root / "a", cells=root / "a.parquet")
     write_reports(again, report=root / "b.json", plots=root / "b", cells=root / "b.parquet")
@@ -295,6 +304,7 @@ def test_missing_batch_column_names_file_column_and_fix(data: dict) -> None:
             batch_key="library",
             settings=SETTINGS,
             source=data["root"] / "train.parquet",
+            losses=LENIENT_LOSSES,
         )
 
 
@@ -311,7 +321,14 @@ def test_all_cells_filtered_is_a_clear_error(data: dict, tmp_path: Path) -> None
     with pytest.raises(
         ValueError, match=r"split 'test' kept no cell of 450: min_genes=100000, min_counts=300"
     ):
-        qc.run_qc(table, data["path"], batch_key="batch", settings=strict, split="test")
+        qc.run_qc(
+            table,
+            data["path"],
+            batch_key="batch",
+            settings=strict,
+            split="test",
+            losses=LENIENT_LOSSES,
+        )
 
 
 def test_small_libraries_skip_scrublet_and_missing_mito_is_reported(tmp_path: Path) -> None:
@@ -438,6 +455,7 @@ def test_qc_on_a_local_dask_cluster_equals_one_process(tmp_path: Path) -> None:
             settings=SETTINGS,
             split="train",
             scheduler=cluster.scheduler_address,
+            losses=LENIENT_LOSSES,
         )
     assert remote.report == local.report
     write_reports(

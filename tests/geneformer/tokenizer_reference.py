@@ -7,10 +7,17 @@ Nothing here imports ``rosmap_geneformer``: these are independent oracles for th
 - :func:`scipy_expression_tokenize` evaluates Geneformer's own matrix expression
   (``X_view / n_counts * 10_000 / medians`` then ``csr_matrix``) with scipy on chunks of cells,
   as Geneformer's h5ad path does, then ranks row by row.
+
+Both rank by value descending and order exact ties by ``ties``: ``"token"`` (the project's
+rule: ascending token id) or ``"numpy"`` (Geneformer's ``argsort(-v)`` with numpy's default,
+unstable kind over the genes in var order, whose tie order depends on the CPU's sort kernel).
+:func:`compare_up_to_ties` checks an output against the ``"numpy"`` order: the same up to the
+order within groups of exactly equal values.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -49,6 +56,17 @@ def _finish(
     return [int(t) for t in ranked[:model_input_size]]
 
 
+def _rank(values: np.ndarray, tokens: np.ndarray, ties: str) -> np.ndarray:
+    # Spec 2.5.5, with exact ties by token id ("token") or as numpy's default argsort has them.
+    if ties == "numpy":
+        return np.argsort(-values)
+    if ties == "token":
+        keys = [(-float(v), int(t)) for v, t in zip(values, tokens, strict=True)]
+        return np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.intp)
+    msg = f"ties={ties!r}: 'token' or 'numpy'"
+    raise ValueError(msg)
+
+
 def _labels(adata: Any, i: int, columns: list[str]) -> dict[str, Any]:
     out = {}
     for column in columns:
@@ -67,8 +85,10 @@ def reference_tokenize(
     model_input_size: int,
     special_tokens: bool,
     columns: list[str] = (),
+    ties: str = "token",
 ) -> list[dict[str, Any]]:
-    """One dict per output cell: ``input_ids`` (list of int), ``length`` and the label columns."""
+    """One dict per output cell: ``input_ids`` (list of int), ``length``, the label columns and
+    the whole ranking before truncation (``ranked`` tokens and their ``ranked_values``)."""
     kept = _kept_genes(list(adata.var["ensembl_id"]), token_dict)
     kept_col = {j: k for k, (j, _) in enumerate(kept)}
     tokens = np.array([token_dict[g] for _, g in kept])
@@ -103,10 +123,19 @@ def reference_tokenize(
             continue  # spec 2.5.6: empty cells are dropped
         genes = sorted(per_gene)  # var order of the kept genes
         values = np.array([per_gene[k] for k in genes], dtype=np.float64)
-        order = np.argsort(-values)  # spec 2.5.5: numpy default kind
-        ranked = tokens[np.array(genes)[order]]
+        gene_tokens = tokens[np.array(genes)]
+        order = _rank(values, gene_tokens, ties)
+        ranked = gene_tokens[order]
         ids = _finish(ranked, token_dict, model_input_size, special_tokens)
-        out.append({"input_ids": ids, "length": len(ids), **_labels(adata, i, list(columns))})
+        out.append(
+            {
+                "input_ids": ids,
+                "length": len(ids),
+                **_labels(adata, i, list(columns)),
+                "ranked": [int(t) for t in ranked],
+                "ranked_values": [float(v) for v in values[order]],
+            }
+        )
     return out
 
 
@@ -118,8 +147,12 @@ def scipy_expression_tokenize(
     model_input_size: int,
     special_tokens: bool,
     chunk_size: int = 512,
+    ties: str = "token",
 ) -> list[list[int]]:
-    """``input_ids`` per output cell from Geneformer's matrix expression, evaluated by scipy."""
+    """``input_ids`` per output cell from Geneformer's matrix expression, evaluated by scipy.
+
+    With ``ties="token"`` exact ties are ordered by ``np.lexsort`` (stable) on the token ids.
+    """
     kept = _kept_genes(list(adata.var["ensembl_id"]), token_dict)
     loc = np.array([j for j, _ in kept])
     tokens = np.array([token_dict[g] for _, g in kept])
@@ -135,6 +168,50 @@ def scipy_expression_tokenize(
             row = x_norm[r]
             if row.data.size == 0:
                 continue
-            ranked = tokens[row.indices][np.argsort(-row.data)]
-            out.append(_finish(ranked, token_dict, model_input_size, special_tokens))
+            row_tokens = tokens[row.indices]
+            if ties == "token":
+                order = np.lexsort((row_tokens, -row.data))
+            else:
+                order = _rank(row.data, row_tokens, ties)
+            out.append(_finish(row_tokens[order], token_dict, model_input_size, special_tokens))
     return out
+
+
+def compare_up_to_ties(
+    ours: list[list[int]], geneformer: list[dict[str, Any]], *, special_tokens: bool
+) -> dict[str, int]:
+    """Check ``ours`` against :func:`reference_tokenize` with ``ties="numpy"``, cell by cell.
+
+    Within every group of exactly equal values (Geneformer's ``ranked_values``) ours must hold
+    the same tokens, in ascending token id; a group cut by truncation keeps its lowest token ids.
+    So the values come in the same sequence, and a cell without a tie among its output genes is
+    identical. Returns how many cells were identical, differed only in the order of ties, and
+    had a tie at all.
+    """
+    counts = {"identical": 0, "differ_only_in_tie_order": 0, "cells_with_ties": 0}
+    assert len(ours) == len(geneformer)
+    for ids, ref in zip(ours, geneformer, strict=True):
+        ids = list(ids)
+        assert len(ids) == ref["length"]
+        genes = ids[1:-1] if special_tokens else ids
+        if special_tokens:
+            assert [ids[0], ids[-1]] == [ref["input_ids"][0], ref["input_ids"][-1]]
+        ranked, values = ref["ranked"], ref["ranked_values"]
+        start, tie = 0, False
+        while start < len(genes):
+            end = start + 1
+            while end < len(ranked) and values[end] == values[start]:
+                end += 1
+            group, mine = ranked[start:end], genes[start : min(end, len(genes))]
+            tie = tie or len(group) > 1
+            if end <= len(genes):
+                assert Counter(mine) == Counter(group), (start, mine, group)
+            assert mine == sorted(group)[: len(mine)], (start, mine, group)
+            start = end
+        counts["cells_with_ties"] += tie
+        if ids == list(ref["input_ids"]):
+            counts["identical"] += 1
+        else:
+            assert tie, "a cell without ties must be identical"
+            counts["differ_only_in_tie_order"] += 1
+    return counts

@@ -21,9 +21,15 @@ from rosmap_geneformer.params import read_params
 
 ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = "rosmap_geneformer"
-# Plumbing that cannot change a stage's outputs: logging set-up and reading params.yaml (DVC
-# tracks the values themselves). Listing them would rerun the whole pipeline for a new key.
-PLUMBING = {f"{LIBRARY}.logs", f"{LIBRARY}.params", f"{LIBRARY}.params_schema"}
+# Plumbing that cannot change a stage's outputs: logging set-up, how refusals are shown and
+# reading params.yaml (DVC tracks the values themselves). Listing them would rerun the whole
+# pipeline for a new key or a reworded message.
+PLUMBING = {
+    f"{LIBRARY}.logs",
+    f"{LIBRARY}.errors",
+    f"{LIBRARY}.params",
+    f"{LIBRARY}.params_schema",
+}
 
 
 def _stages() -> dict[str, dict]:
