@@ -182,6 +182,8 @@ class Demo(Section):
     n_alias_symbols: int = Field(10, ge=0)
     n_duplicate_genes: int = Field(3, ge=0)
     n_unmappable: int = Field(5, ge=0)
+    resilient_fraction: int | float = Field(0.0, ge=0, le=1)
+    cell_type_effect_sd: int | float = Field(0.0, ge=0)
 
 
 class GeneMap(Section):
@@ -324,6 +326,38 @@ class Embed(Section):
     hvg_pca: HvgPca | None = None
 
 
+class DonorCV(Section):
+    n_splits: int = Field(5, ge=2)
+    n_repeats: int = Field(5, ge=1)
+
+
+class DonorPseudobulk(Section):
+    n_top_genes: int = Field(2000, gt=0)
+    min_cells: int = Field(3, ge=1)
+    min_cpm: int | float = Field(1.0, ge=0)
+    l1_ratio: int | float = Field(1.0, ge=0, le=1)
+
+
+class DonorMIL(Section):
+    att_dim: int = Field(64, gt=0)
+    epochs: int = Field(40, gt=0)
+    learning_rate: int | float = Field(1e-3, gt=0)
+    weight_decay: int | float = Field(1e-4, ge=0)
+    batch_size: int = Field(8, gt=0)
+
+
+class Donor(Section):
+    cv: DonorCV = Field(default_factory=DonorCV)
+    n_boot: int = Field(1000, ge=0)
+    max_cells_per_donor: int | None = Field(500, gt=0)
+    emb_layer: int = -1
+    batch_size: int = Field(32, gt=0)
+    C: list[int | float] = Field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0], min_length=1)
+    max_iter: int = Field(5000, gt=0)
+    pseudobulk: DonorPseudobulk = Field(default_factory=DonorPseudobulk)
+    mil: DonorMIL = Field(default_factory=DonorMIL)
+
+
 class Tune(Section):
     """The hyperparameter search; ``tuning.space.TuneSettings`` checks the search space itself."""
 
@@ -440,6 +474,7 @@ class Params(BaseModel):
     train: Train | None = None
     evaluate: Evaluate | None = None
     baseline: Baseline | None = None
+    donor: Donor | None = None
     embed: Embed | None = None
     tune: Tune | None = None
     perturb: Perturb | None = None

@@ -18,7 +18,16 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 # Small enough for seconds per stage, large enough for every split to hold both AD classes.
 TINY_PARAMS: dict[str, Any] = {
-    "demo": {"n_donors": 12, "cells_per_donor": 70, "n_genes": 500},
+    # The data these tests were measured on, whatever params.yaml ships (one AD effect for every
+    # AD donor and cell type, 1-2 libraries per donor).
+    "demo": {
+        "n_donors": 12,
+        "cells_per_donor": 70,
+        "n_genes": 500,
+        "resilient_fraction": 0.0,
+        "cell_type_effect_sd": 0.0,
+        "libraries_per_donor": [1, 2],
+    },
     "qc": {"scrublet": {"min_cells_per_library": 40}},
     "sample": {"max_cells_per_patient_cell_type": 20, "max_cells_per_class": 200},
     "tokenize": {"model_input_size": 64, "nproc": 1},
@@ -33,6 +42,13 @@ TINY_PARAMS: dict[str, Any] = {
     },
     "train": {"epochs": 2, "batch_size": 16, "learning_rate": 1.0e-3},
     "evaluate": {"n_boot": 50},
+    # About 9 cross-validation donors: 2 folds; a few MIL epochs.
+    "donor": {
+        "cv": {"n_splits": 2, "n_repeats": 2},
+        "n_boot": 50,
+        "pseudobulk": {"n_top_genes": 200},
+        "mil": {"epochs": 3, "att_dim": 16},
+    },
     "tune": {
         "n_trials": 2,
         "enqueue": [{"learning_rate": 1.0e-3, "epochs": 1, "batch_size": 16, "freeze_layers": 0}],

@@ -531,6 +531,26 @@ MISTAKES: list[Mistake] = [
         args=("--task", "disease"),
     ),
     Mistake(
+        "donor-level methods before training",
+        "donor",
+        ("nowhere/disease", "dvc repro train@disease"),
+        params={"paths": {"finetuned": "nowhere"}},
+        args=("--task", "disease"),
+    ),
+    Mistake(
+        "donor-level methods for a cell-level task",
+        "donor",
+        ("tasks.cell_type needs patient_level: true",),
+        args=("--task", "cell_type"),
+    ),
+    Mistake(
+        "more donor folds than donors of a class",
+        "donor",
+        ("donor.cv.n_splits=50", "lower donor.cv.n_splits"),
+        params={"donor": {"cv": {"n_splits": 50}}},
+        args=("--task", "disease"),
+    ),
+    Mistake(
         "a checkpoint base model without a checkpoint",
         "base_model",
         ("base_model.checkpoint",),

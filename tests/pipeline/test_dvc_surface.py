@@ -111,6 +111,7 @@ def test_dvc_metrics_are_the_headline_results() -> None:
         or "/grn/" in m
         or "/embed/" in m
         or "/tune/" in m
+        or "/donor/" in m
         for m in declared
     ), declared
 
@@ -128,7 +129,8 @@ def test_dvc_metrics_are_the_headline_results() -> None:
                 total += leaves(json.loads(file.read_text()))
             if "${key}" not in path:
                 break
-    assert 0 < total <= 160, total
+    # 151 before the donor stage, which adds its 4 headline figures per method (28).
+    assert 0 < total <= 190, total
 
 
 def test_shipped_params_yaml_fits_the_schema() -> None:

@@ -90,13 +90,70 @@ def test_qc_and_gene_mapping_recover_the_planted_truth(repo: Path) -> None:
     assert report["cells_in"] > report["cells_out"] > 0
 
 
+def test_donor_methods_share_folds_and_never_fit_a_test_donor(repo: Path) -> None:
+    folder = repo / "reports/donor/disease"
+    summary = json.loads((folder / "summary.json").read_text())
+    split = json.loads((repo / "reports/split.json").read_text())
+    test_donors = set(split["test"]["patients"])
+    cv_donors = set(split["train"]["patients"]) | set(split["val"]["patients"])
+    methods = summary["methods"]
+    assert set(methods) == {
+        "finetuned_mean_p",
+        "finetuned_fraction_called",
+        "cell_classifier",
+        "proportions",
+        "pseudobulk",
+        "pseudobulk_cell_type",
+        "mil_base",
+        "mil_finetuned",
+    }
+    oof = pd.read_csv(folder / "oof.tsv", sep="\t", dtype={"patient_id": str})
+    # Every cross-validated method scored the same donors in the same (repeat, fold) cells, each
+    # CV donor once per repeat, and never a test donor.
+    cells = {
+        name: set(map(tuple, part[["repeat", "fold", "patient_id"]].to_numpy().tolist()))
+        for name, part in oof.groupby("method")
+    }
+    assert len(set(map(frozenset, cells.values()))) == 1
+    assert set(oof["patient_id"]) == cv_donors
+    assert not set(oof["patient_id"]) & test_donors
+    assert (oof.groupby(["method", "repeat"])["patient_id"].value_counts() == 1).all()
+    donors = pd.read_csv(folder / "donors.tsv", sep="\t", dtype={"patient_id": str})
+    assert set(donors.loc[donors["set"] == "test", "patient_id"]) == test_donors
+    # The fine-tuned model trained on the train donors: it scores val (its threshold) and test.
+    finetuned = donors[donors["method"] == "finetuned_mean_p"]
+    assert set(finetuned["set"]) == {"val", "test"}
+    assert methods["finetuned_mean_p"]["cross_validated"] is False
+    for name, entry in methods.items():
+        assert 0.0 <= entry["test_auroc"] <= 1.0, name
+        assert entry["test_auroc_ci_low"] <= entry["test_auroc"] <= entry["test_auroc_ci_high"]
+        if entry["cross_validated"]:
+            assert 0.0 <= entry["cv_auroc"] <= 1.0, name
+        if name != "pseudobulk":
+            assert "test_vs_pseudobulk_p_value" in entry
+    attention = pd.read_csv(folder / "attention.tsv", sep="\t")
+    assert set(attention["method"]) == {"mil_base", "mil_finetuned"}
+    cells_attention = pd.read_csv(folder / "attention_cells.tsv", sep="\t")
+    per_donor = cells_attention.groupby(["method", "patient_id"])["attention"].sum()
+    assert np.allclose(per_donor, 1.0)
+    for name in ("roc.png", "donor_scores.png", "attention.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (repo / "reports/index.html").read_text()
+    assert "<code>reports/donor/disease/summary.json</code>" in page
+    assert 'class="missing"' not in page.split('id="donor"')[1].split("</section>")[0]
+
+
 def test_dvc_shows_the_headline_metrics_and_keeps_data_counts_as_plain_json(repo: Path) -> None:
     shown = json.loads(dvc("metrics", "show", "--json", cwd=repo).stdout)
     files = set(next(iter(shown.values()))["data"])
     for task in ("cell_type", "disease"):
         assert f"reports/eval/{task}/metrics.json" in files
         assert f"reports/baseline/{task}/metrics.json" in files
-    assert {"reports/grn/metrics.json", "reports/embed/metrics.json"} <= files
+    assert {
+        "reports/grn/metrics.json",
+        "reports/embed/metrics.json",
+        "reports/donor/disease/metrics.json",
+    } <= files
     # The data stages' counts are reports, not metrics: present, but not in `dvc exp show`.
     for report in ("reports/genes/mapping.json", "reports/split.json", "reports/qc/train.json"):
         assert (repo / report).is_file()

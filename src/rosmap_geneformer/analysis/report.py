@@ -30,6 +30,7 @@ SECTIONS = (
     ("qc", "Quality control"),
     ("training", "Training curves"),
     ("metrics", "Test metrics: fine-tuned Geneformer against the baseline"),
+    ("donor", "AD per donor: every method on the same donor folds"),
     ("confusion", "Confusion matrices and patient predictions"),
     ("embeddings", "Embeddings"),
     ("tuning", "Hyperparameter search (val split)"),
@@ -99,6 +100,7 @@ class ReportBuilder:
         self.sections["qc"] = self._qc(reports)
         self.sections["training"] = self._training(Path(self.paths["dvclive"]))
         self.sections["metrics"] = self._metrics(reports)
+        self.sections["donor"] = self._donor(reports)
         self.sections["confusion"] = self._confusion(reports)
         self.sections["embeddings"] = self._embeddings(reports)
         self.sections["tuning"] = self._tuning(reports)
@@ -258,6 +260,38 @@ class ReportBuilder:
             "<p>Test split only; 95% percentile bootstrap intervals over patients in brackets.</p>"
             + _table(pd.DataFrame(rows))
         )
+
+    def _donor(self, reports: Path) -> str:
+        parts = []
+        for task in self.tasks:
+            folder = self._path(str(reports), "donor", task)
+            metrics = self.json(folder / "summary.json")
+            if metrics is None:
+                continue
+            donors = metrics.get("donors", {})
+            parts.append(f"<h3>{html.escape(task)}</h3>")
+            parts.append(
+                f"<p>{donors.get('cv')} donors in cross-validation ({donors.get('cv_positive')} "
+                f"positive), {donors.get('test')} held-out test donors "
+                f"({donors.get('test_positive')} positive). CV: mean ± sd of the fold AUROCs; "
+                "pooled: all out-of-fold scores (averaged over repeats) with a bootstrap interval "
+                "over donors. Test: the method refitted on every CV donor, 95% bootstrap "
+                "intervals over donors; accuracy at a threshold chosen on training donors. "
+                "Δ: paired bootstrap against pseudobulk.</p>"
+            )
+            parts.append(_table(donor_table(metrics)))
+            attention = self.tsv(folder / "attention.tsv")
+            if attention is not None and not attention.empty:
+                parts.append(
+                    "<p>Gated-attention MIL on the test donors: each cell type's share of the "
+                    "attention against its share of the cells (enrichment > 1: read more than "
+                    "its numbers).</p>"
+                )
+                parts.append(_table(attention))
+            for name in ("roc.png", "donor_scores.png", "attention.png"):
+                if (folder / name).is_file():
+                    parts.append(self.image(folder / name, alt=f"{task} donor {name}"))
+        return "".join(parts) or _missing("donor")
 
     def _confusion(self, reports: Path) -> str:
         parts = []
@@ -426,6 +460,42 @@ def _with_ci(level: Mapping[str, Any], metric: str) -> str | None:
     return f"{text} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else text
 
 
+def _mean_sd(entry: Mapping[str, Any]) -> str | None:
+    mean, sd = entry.get("cv_auroc"), entry.get("cv_auroc_sd")
+    if mean is None:
+        return None
+    return f"{mean:.3f} ± {sd:.3f}" if sd is not None else f"{mean:.3f}"
+
+
+def _difference(entry: Mapping[str, Any], prefix: str) -> str | None:
+    value = entry.get(f"{prefix}_difference")
+    if value is None:
+        return None
+    low, high = entry.get(f"{prefix}_ci_low"), entry.get(f"{prefix}_ci_high")
+    return f"{value:+.3f} [{low:+.3f}, {high:+.3f}] p={entry.get(f'{prefix}_p_value'):.3g}"
+
+
+def donor_table(metrics: Mapping[str, Any], *, reference: str = "pseudobulk") -> pd.DataFrame:
+    """One row per donor method of ``reports/donor/<task>/summary.json``: CV and test AUROC with
+    intervals, the threshold, accuracy there, and the paired difference with ``reference``."""
+    rows = []
+    for name, entry in metrics.get("methods", {}).items():
+        rows.append(
+            {
+                "method": name,
+                "CV AUROC (mean ± sd)": _mean_sd(entry),
+                "CV pooled AUROC": _with_ci(entry, "cv_pooled_auroc"),
+                "test AUROC": _with_ci(entry, "test_auroc"),
+                "threshold": entry.get("threshold"),
+                "test accuracy": _with_ci(entry, "test_accuracy"),
+                "test balanced accuracy": _with_ci(entry, "test_balanced_accuracy"),
+                f"CV Δ vs {reference}": _difference(entry, f"cv_vs_{reference}"),
+                f"test Δ vs {reference}": _difference(entry, f"test_vs_{reference}"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -438,8 +508,9 @@ def headline(reports: str | Path, tasks: Sequence[str]) -> str:
 
     First the warnings of ``reports/split.json`` (too few donors of a class in val or test)
     and of ``reports/grn/summary.json`` (regulators absent from the data, a truth network
-    without them); then the test metrics of each task (fine-tuned model and baseline, with 95% intervals), the tuning
-    study, the top perturbed genes and the network scores; ``dvc metrics show`` lists the rest.
+    without them); then the test metrics of each task (fine-tuned model and baseline, with 95%
+    intervals), every donor-level method (CV and test AUROC), the tuning study, the top perturbed
+    genes and the network scores; ``dvc metrics show`` lists the rest.
     """
     reports = Path(reports)
     lines = []
@@ -459,6 +530,19 @@ def headline(reports: str | Path, tasks: Sequence[str]) -> str:
                 if name in metrics.get(level, {})
             ]
             lines.append(f"  {task:<10} {label:<10} " + ("; ".join(parts) or "not run yet"))
+    for task in tasks:
+        donor = _read_json(reports / "donor" / task / "summary.json")
+        if donor.get("methods"):
+            counts = donor.get("donors", {})
+            lines.append(
+                f"donor-level {task} ({counts.get('cv')} CV donors, {counts.get('test')} test "
+                "donors): CV AUROC mean ± sd | test AUROC [95% interval]"
+            )
+            for name, entry in donor["methods"].items():
+                lines.append(
+                    f"  {name:<26} {_mean_sd(entry) or 'not cross-validated':<20} | "
+                    f"{_with_ci(entry, 'test_auroc')}"
+                )
     tune = _read_json(reports / "tune" / "metrics.json")
     if tune.get("best"):
         baseline = (tune.get("baseline") or {}).get("value")
