@@ -1,9 +1,16 @@
-"""Score the demo pipeline's QC, gene mapping and perturbation ranking against the planted truth.
+"""Score the demo's QC, gene mapping, perturbation and donor-level methods against planted truth.
 
 The perturbation part: where the planted AD genes of the perturbed cell type rank in
 ``reports/perturb/<type>.tsv``, each counted from the end its direction predicts
-(``rosmap_geneformer.analysis.truth.perturbation_against_truth``). The GRN is scored by the
-``grn`` stage itself (``reports/grn/metrics.json``). Not timed; the machine context is recorded
+(``rosmap_geneformer.analysis.truth.perturbation_against_truth``). The donor part (``donor``,
+when ``reports/donor/disease/donors.tsv`` exists and the truth has ``donors.tsv``): per method and
+set (cv, test, all), AUROC against the planted AD status, AUROC without the resilient AD donors,
+where the resilient donors' scores rank, the Spearman correlation of score and planted AD gene
+effect among AD donors and the share of resilient donors called AD
+(``donors_against_truth``); ``donor_attention``, from ``reports/donor/disease/attention.tsv``:
+whether the attention models' per-cell-type enrichment follows the planted effect and signal of
+each cell type (``attention_against_truth``). The GRN is scored by the ``grn`` stage itself
+(``reports/grn/metrics.json``). Not timed; the machine context is recorded
 (:mod:`harness`) because the tokens, and so everything after them, follow this CPU's numpy
 argsort (its dispatch is in ``machine.sort_dispatch``).
 
@@ -56,6 +63,18 @@ def scores() -> dict[str, Any]:
         for kind in perturb["types"]
         if (reports / f"{kind}.tsv").exists()
     }
+    donor_reports = Path(get(params, "paths.reports")) / "donor" / "disease"
+    if "donors" in tables and (donor_reports / "donors.tsv").exists():
+        result["donor"] = truth.donors_against_truth(
+            pd.read_csv(donor_reports / "donors.tsv", sep="\t", dtype={"patient_id": str}),
+            tables["donors"],
+        )
+    if "donors" in tables and (donor_reports / "attention.tsv").exists():
+        result["donor_attention"] = truth.attention_against_truth(
+            pd.read_csv(donor_reports / "attention.tsv", sep="\t"),
+            tables["donors"],
+            truth_ad=tables["ad_genes"],
+        )
     return result
 
 

@@ -15,6 +15,8 @@ import yaml
 from scipy import sparse
 
 from rosmap_geneformer import io
+from rosmap_geneformer.analysis.truth import read_truth
+from rosmap_geneformer.data.demo import dataset
 from rosmap_geneformer.data.demo.dataset import (
     DemoData,
     generate_demo,
@@ -22,8 +24,9 @@ from rosmap_geneformer.data.demo.dataset import (
     write_demo,
 )
 from rosmap_geneformer.data.demo.genes import GENE_KINDS
-from rosmap_geneformer.data.demo.simulation import CELL_TYPES
+from rosmap_geneformer.data.demo.simulation import CELL_TYPES, effect_column, plant_ad_effects
 from rosmap_geneformer.data.gene_map import load_bundled_annotation
+from rosmap_geneformer.errors import InputError
 
 TINY = {
     "n_donors": 8,
@@ -71,7 +74,27 @@ TRUTH_COLUMNS = {
     "truth/genes.tsv": ["var_name", "ensembl_id", "kind"],
     "truth/ad_genes.tsv": ["gene", "ensembl_id", "cell_types", "log2_fold_change", "direction"],
     "truth/grn.tsv": ["tf", "tf_ensembl_id", "target", "target_ensembl_id", "weight", "cell_types"],
+    "truth/donors.tsv": [
+        "subject",
+        "ad_status",
+        "resilient",
+        "severity",
+        *(f"effect_{c}" for c in CELL_TYPES),
+        "ad_gene_effect",
+    ],
 }
+# The same data set with AD effects that vary between donors and cell types.
+VARIED = {"resilient_fraction": 0.5, "cell_type_effect_sd": 0.5}
+# The raw and truth tables that do not depend on how strongly AD donors are affected.
+UNAFFECTED_TABLES = (
+    "individual_metadata",
+    "batch_mapping",
+    "cell_annotation",
+    "truth_cells",
+    "truth_genes",
+    "truth_ad_genes",
+    "truth_grn",
+)
 OBS_NAME = re.compile(r"^(L\d{3})_[ACGT]{16}-1$")
 
 
@@ -100,6 +123,11 @@ def demo() -> DemoData:
 
 
 @pytest.fixture(scope="module")
+def varied() -> DemoData:
+    return generate_demo(**TINY, **VARIED, seed=7)
+
+
+@pytest.fixture(scope="module")
 def written(demo: DemoData, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     write_demo(demo, out)
@@ -115,6 +143,30 @@ def clean(demo: DemoData) -> tuple[sparse.csr_matrix, pd.DataFrame]:
     rows = cells[keep].reset_index(drop=True)
     rows["is_ad"] = rows["subject"].map(meta["Pathologic_diagnosis_of_AD"]).eq("yes")
     return _log_normalised(demo.adata.X[keep]), rows
+
+
+def _ad_gene_shift(demo: DemoData) -> pd.Series:
+    """Per AD donor, the mean shift of its AD genes from the controls' cells of the same type, in
+    the direction of the planted change (log1p CP10k of the clean cells)."""
+    cells = demo.truth_cells
+    keep = ~(cells["is_doublet"] | cells["is_low_quality"]).to_numpy()
+    x, rows = _log_normalised(demo.adata.X[keep]), cells[keep].reset_index(drop=True)
+    index = {name: i for i, name in enumerate(demo.adata.var_names)}
+    status = demo.truth_donors.set_index("subject")["ad_status"]
+    control = rows["subject"].map(status).eq("control").to_numpy()
+    shifts = {}
+    for subject in status.index[status == "AD"]:
+        own = rows["subject"].eq(subject).to_numpy()
+        values = []
+        for gene in demo.truth_ad_genes.itertuples():
+            expression = x[:, index[gene.gene]].toarray().ravel()
+            for cell_type in gene.cell_types.split(","):
+                in_type = rows["cell_type"].eq(cell_type).to_numpy()
+                if (own & in_type).any():
+                    shift = expression[own & in_type].mean() - expression[control & in_type].mean()
+                    values.append(np.sign(gene.log2_fold_change) * shift)
+        shifts[subject] = float(np.mean(values))
+    return pd.Series(shifts)
 
 
 def test_same_seed_gives_identical_bytes(written: Path, tmp_path: Path) -> None:
@@ -335,13 +387,120 @@ def test_tf_targets_correlate_with_their_tf(
         assert correlations.mean() > 0.1, tf
 
 
+def test_truth_donors(demo: DemoData, written: Path) -> None:
+    donors = demo.truth_donors
+    meta = demo.individual_metadata.set_index("subject")
+    assert donors["subject"].tolist() == sorted(meta.index)
+    is_ad = donors["subject"].map(meta["Pathologic_diagnosis_of_AD"]).eq("yes").to_numpy()
+    assert (donors["ad_status"].eq("AD").to_numpy() == is_ad).all()
+    effects = donors[[effect_column(c) for c in CELL_TYPES]].to_numpy()
+    assert (donors.loc[~is_ad, ["severity", "ad_gene_effect"]] == 0).all().all()
+    assert (effects[~is_ad] == 0).all()
+    assert donors.loc[is_ad, "severity"].between(0.6, 1.4).all()
+    # At the default options no donor is resilient and every cell type carries the severity.
+    assert not donors["resilient"].any()
+    assert (effects == donors["severity"].to_numpy()[:, None]).all()
+    # The planted AD gene effect: the mean |log2 FC| x effect over (gene, cell type) pairs.
+    pairs = [
+        abs(g.log2_fold_change)
+        for g in demo.truth_ad_genes.itertuples()
+        for _ in g.cell_types.split(",")
+    ]
+    expected = np.mean(pairs) * donors["severity"].to_numpy()
+    np.testing.assert_allclose(donors["ad_gene_effect"], expected, atol=2e-6)
+    # Written and read back as it is.
+    read = read_truth(written / "truth")["donors"]
+    pd.testing.assert_frame_equal(read, donors, check_dtype=False)
+
+
+def test_ad_effect_options_at_zero_leave_the_data_as_before(
+    demo: DemoData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every factor is exactly 1: resilience and cell-type multipliers change nothing.
+    donors = pd.DataFrame(
+        {"is_ad": [True, True, False], "severity": [0.7, 1.3, 0.0], "subject": ["a", "b", "c"]}
+    )
+    planted = plant_ad_effects(
+        np.random.default_rng(3), donors, resilient_fraction=0.0, cell_type_effect_sd=0.0
+    )
+    assert (planted["resilience"] == 1.0).all()
+    assert not planted["resilient"].any()
+    for cell_type in CELL_TYPES:
+        assert planted[effect_column(cell_type)].tolist() == [0.7, 1.3, 0.0]
+
+    # The same data set when the resilience and multipliers are never drawn: the second generator
+    # leaves the main stream alone.
+    def severity_only(
+        rng: np.random.Generator, donors: pd.DataFrame, **options: float
+    ) -> pd.DataFrame:
+        out = donors.assign(resilient=False, resilience=1.0)
+        for cell_type in CELL_TYPES:
+            out[effect_column(cell_type)] = donors["severity"]
+        return out
+
+    monkeypatch.setattr(dataset, "plant_ad_effects", severity_only)
+    legacy = generate_demo(**TINY, seed=7)
+    assert (demo.adata.X != legacy.adata.X).nnz == 0
+    for name in (*UNAFFECTED_TABLES, "truth_donors"):
+        pd.testing.assert_frame_equal(getattr(demo, name), getattr(legacy, name), obj=name)
+
+
+def test_ad_effects_vary_between_donors_and_cell_types(demo: DemoData, varied: DemoData) -> None:
+    before = demo.truth_donors.set_index("subject")
+    after = varied.truth_donors.set_index("subject")
+    is_ad = after["ad_status"].eq("AD")
+    # round(0.5 x 4 AD donors) resilient, keeping 5-30 % of their severity; the others all of it.
+    assert after["resilient"].sum() == 2
+    assert not after.loc[~is_ad, "resilient"].any()
+    resilient = after["resilient"]
+    kept = after.loc[resilient, "severity"] / before.loc[resilient, "severity"]
+    assert kept.between(0.05, 0.3).all()
+    strong = is_ad & ~resilient
+    np.testing.assert_allclose(after.loc[strong, "severity"], before.loc[strong, "severity"])
+    # Each AD donor's cell types are hit to different degrees; controls not at all.
+    effects = after[[effect_column(c) for c in CELL_TYPES]]
+    assert (effects[is_ad].max(axis=1) > 1.5 * effects[is_ad].min(axis=1)).all()
+    assert (effects[~is_ad] == 0).all().all()
+    assert (after.loc[~is_ad, ["severity", "ad_gene_effect"]] == 0).all().all()
+
+    # Only the AD donors' counts change: cells, donors and controls' counts stay the same.
+    for name in UNAFFECTED_TABLES:
+        pd.testing.assert_frame_equal(getattr(demo, name), getattr(varied, name), obj=name)
+    ad_cells = demo.truth_cells["subject"].map(after["ad_status"]).eq("AD").to_numpy()
+    assert (demo.adata.X[~ad_cells] != varied.adata.X[~ad_cells]).nnz == 0
+    assert (demo.adata.X[ad_cells] != varied.adata.X[ad_cells]).nnz > 0
+
+    # The counts follow the planted effect: resilient donors' AD genes barely move, and each AD
+    # donor's shift moves the way its planted AD gene effect does (same cells, same noise).
+    # Measured: shifts 1.05 -> 0.16 and 0.75 -> 0.10 for the resilient donors.
+    shift_before, shift_after = _ad_gene_shift(demo), _ad_gene_shift(varied)
+    assert (shift_after[resilient[is_ad]] < 0.5 * shift_before[resilient[is_ad]]).all()
+    assert (shift_after[resilient[is_ad]] < 0.25).all()
+    assert (shift_after[strong] > 0.5).all()
+    change = np.sign(after.loc[is_ad, "ad_gene_effect"] - before.loc[is_ad, "ad_gene_effect"])
+    assert (np.sign(shift_after - shift_before) == change[shift_after.index]).all()
+
+
 def test_bad_params_are_refused() -> None:
     with pytest.raises(ValueError, match="demo.n_genes"):
         generate_demo(**{**TINY, "n_genes": 60}, seed=0)
     with pytest.raises(ValueError, match="demo.doublet_rate"):
         generate_demo(**{**TINY, "doublet_rate": 0.7}, seed=0)
+    with pytest.raises(InputError, match=r"demo.resilient_fraction=1.5: must lie in \[0, 1\]"):
+        generate_demo(**{**TINY, "resilient_fraction": 1.5}, seed=0)
+    with pytest.raises(InputError, match="demo.cell_type_effect_sd=-0.1"):
+        generate_demo(**{**TINY, "cell_type_effect_sd": -0.1}, seed=0)
     with pytest.raises(ValueError, match="n_cell"):
         generate_demo_from_params({**TINY, "n_cell": 3}, seed=0)
+
+
+def test_params_pass_the_ad_effect_options() -> None:
+    small = generate_demo_from_params(
+        {**TINY, "n_donors": 4, "cells_per_donor": 30, **VARIED}, seed=1
+    )
+    assert small.params["resilient_fraction"] == VARIED["resilient_fraction"]
+    assert small.params["cell_type_effect_sd"] == VARIED["cell_type_effect_sd"]
+    assert small.truth_donors["resilient"].sum() == 1  # round(0.5 x 2 AD donors)
 
 
 def test_stage_writes_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

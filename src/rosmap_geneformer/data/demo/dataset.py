@@ -4,11 +4,15 @@
 tables, the donors and the expression model (:mod:`rosmap_geneformer.data.demo.simulation`), then
 simulates every library's nuclei, low-quality cells and doublets. :func:`write_demo` writes the
 four raw files and ``truth/``. Everything is drawn from one ``numpy.random.default_rng(seed)`` in
-a fixed order, so the same arguments give the same files byte for byte.
+a fixed order, so the same arguments give the same files byte for byte; only the donors'
+resilience and cell-type AD multipliers come from a second generator,
+``numpy.random.default_rng([seed, 16])``, so that with ``resilient_fraction`` and
+``cell_type_effect_sd`` at 0 the data set is the one drawn before those options existed.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import logging
@@ -29,9 +33,12 @@ from rosmap_geneformer.data.demo.simulation import (
     CELL_TYPES,
     COMPOSITION_CONCENTRATION,
     FINE_TYPES,
+    ExpressionModel,
     build_model,
     draw_barcodes,
     draw_donors,
+    effect_column,
+    plant_ad_effects,
     simulate_units,
 )
 from rosmap_geneformer.errors import InputError
@@ -43,9 +50,13 @@ TRUTH_FILES = {
     "genes": "truth/genes.tsv",
     "ad_genes": "truth/ad_genes.tsv",
     "grn": "truth/grn.tsv",
+    "donors": "truth/donors.tsv",
     "params": "truth/params.json",
 }
 RAW_FILE_KEYS = ("counts", "individual_metadata", "batch_mapping", "cell_annotation")
+
+# Seeds the generator of the donors' resilience and cell-type multipliers, next to ``seed``.
+_EFFECT_STREAM = 16
 
 # Default raw column names (params.yaml data.columns); keys absent there keep these names.
 DEFAULT_COLUMNS = {
@@ -84,6 +95,11 @@ class DemoData:
         Genes with an AD effect, their cell types and log2 fold change.
     truth_grn
         Planted TF -> target edges with weights and cell types.
+    truth_donors
+        One row per donor (sorted by subject): ``ad_status`` (``AD``/``control``), ``resilient``,
+        ``severity`` (after resilience), the AD effect per major type (``effect_<type>``) and
+        ``ad_gene_effect``, the mean of ``|log2 fold change| x effect`` over the (AD gene, cell
+        type it acts in) pairs: how strongly the donor's AD genes are shifted. 0 for controls.
     params
         The arguments the data set was generated with.
     """
@@ -96,6 +112,7 @@ class DemoData:
     truth_genes: pd.DataFrame
     truth_ad_genes: pd.DataFrame
     truth_grn: pd.DataFrame
+    truth_donors: pd.DataFrame
     params: dict[str, Any]
 
 
@@ -119,6 +136,8 @@ def generate_demo(
     low_quality_fraction: float = 0.05,
     doublet_rate: float = 0.045,
     n_ad_genes: int = 12,
+    resilient_fraction: float = 0.0,
+    cell_type_effect_sd: float = 0.0,
     n_tf_programs: int = 6,
     targets_per_tf: int = 12,
     n_previous_symbols: int = 10,
@@ -149,6 +168,12 @@ def generate_demo(
         Probability that a barcode is a doublet.
     n_ad_genes
         Genes whose expression changes in AD donors' cells of some cell types.
+    resilient_fraction
+        Share of AD donors (``round(resilient_fraction * n_AD)``, chosen at random) whose AD
+        effect is weak: their severity is multiplied by a uniform draw from [0.05, 0.3].
+    cell_type_effect_sd
+        Log-scale standard deviation of a log-normal multiplier of the AD effect drawn per AD
+        donor and major cell type (0: every cell type of a donor equally affected).
     n_tf_programs
         Planted TF -> target programs (at most ``len(TF_PROGRAMS)``).
     targets_per_tf
@@ -160,7 +185,8 @@ def generate_demo(
     n_unmappable
         Invented feature names that map to no gene.
     seed
-        Seed of the one random generator everything is drawn from.
+        Seed of the random generator everything is drawn from (and, with a second word, of the
+        one the resilience and cell-type multipliers are drawn from).
     columns
         Raw column names (``params.yaml`` ``data.columns``); missing keys keep ROSMAP's names.
 
@@ -225,6 +251,12 @@ def generate_demo(
         libraries_per_donor=libraries_per_donor,
     )
     model = build_model(rng, gene_table, specs, n_donors, truth_ad, truth_grn)
+    donors = plant_ad_effects(
+        np.random.default_rng([seed, _EFFECT_STREAM]),
+        donors,
+        resilient_fraction=resilient_fraction,
+        cell_type_effect_sd=cell_type_effect_sd,
+    )
 
     fine_of_major = {
         t: (
@@ -280,7 +312,7 @@ def generate_demo(
             unit_kind = np.concatenate(
                 [np.where(kind == "doublet", "normal", kind), ["normal"] * dbl.size]
             )
-            counts = simulate_units(
+            counts = _simulate_in_stream(
                 rng, model, donor=donor, donor_index=d, fine=unit_fine, kind=unit_kind
             )
             cell_counts = counts[:n]
@@ -367,10 +399,11 @@ def generate_demo(
     truth_genes = gene_table[["var_name", "ensembl_id", "kind", "gene_name", "role"]].copy()
 
     logger.info(
-        "simulated %d donors (%d AD), %d libraries, %d cells x %d genes: %d doublets, "
-        "%d low-quality cells, %d cells annotated",
+        "simulated %d donors (%d AD, %d of them resilient), %d libraries, %d cells x %d genes: "
+        "%d doublets, %d low-quality cells, %d cells annotated",
         n_donors,
         int(donors["is_ad"].sum()),
+        int(donors["resilient"].sum()),
         len(batch_mapping),
         adata.n_obs,
         adata.n_vars,
@@ -387,13 +420,74 @@ def generate_demo(
         truth_genes=truth_genes,
         truth_ad_genes=truth_ad,
         truth_grn=truth_grn,
+        truth_donors=_truth_donors(donors, truth_ad),
         params={**params, "columns": cols},
     )
 
 
+def _simulate_in_stream(
+    rng: np.random.Generator,
+    model: ExpressionModel,
+    *,
+    donor: pd.Series,
+    donor_index: int,
+    fine: np.ndarray,
+    kind: np.ndarray,
+) -> np.ndarray:
+    """:func:`simulate_units`, leaving ``rng`` where the donor's severity alone would leave it.
+
+    numpy's Poisson sampler takes a varying number of draws for large means, so an AD donor whose
+    effect differs between cell types or is weakened would shift the main stream, and with it every
+    later donor, controls included. Such a donor is simulated from a copy of the generator's state;
+    the main stream then advances by the draw of the plain severity, as it did before resilience
+    and cell-type multipliers existed. Changing those options changes the AD donors' counts only.
+    """
+    columns = [effect_column(c) for c in CELL_TYPES]
+    plain = donor.copy()
+    plain[columns] = donor["severity"]
+    if np.array_equal(donor[columns].to_numpy(float), plain[columns].to_numpy(float)):
+        return simulate_units(
+            rng, model, donor=donor, donor_index=donor_index, fine=fine, kind=kind
+        )
+    branch = copy.deepcopy(rng)
+    counts = simulate_units(
+        branch, model, donor=donor, donor_index=donor_index, fine=fine, kind=kind
+    )
+    simulate_units(rng, model, donor=plain, donor_index=donor_index, fine=fine, kind=kind)
+    return counts
+
+
+def _truth_donors(donors: pd.DataFrame, truth_ad: pd.DataFrame) -> pd.DataFrame:
+    """``truth/donors.tsv``: each donor's AD status and planted AD effects (see :class:`DemoData`)."""
+    effects = donors[[effect_column(c) for c in CELL_TYPES]]
+    pairs = [
+        (abs(float(row.log2_fold_change)), effect_column(cell_type))
+        for row in truth_ad.itertuples()
+        for cell_type in row.cell_types.split(",")
+    ]
+    if pairs:
+        gene_effect = sum(lfc * effects[column].to_numpy() for lfc, column in pairs) / len(pairs)
+    else:
+        gene_effect = np.zeros(len(donors))
+    is_ad = donors["is_ad"].to_numpy(bool)
+    table = pd.DataFrame(
+        {
+            "subject": donors["subject"].to_numpy(),
+            "ad_status": np.where(is_ad, "AD", "control"),
+            "resilient": donors["resilient"].to_numpy(bool),
+            "severity": np.where(is_ad, donors["severity"] * donors["resilience"], 0.0),
+            **{column: effects[column].to_numpy() for column in effects.columns},
+            "ad_gene_effect": gene_effect,
+        }
+    )
+    numbers = ["severity", *effects.columns, "ad_gene_effect"]
+    table[numbers] = table[numbers].round(6)
+    return table.sort_values("subject", kind="stable").reset_index(drop=True)
+
+
 def _validate(params: Mapping[str, Any]) -> None:
-    def bad(key: str, why: str) -> ValueError:
-        return ValueError(f"params.yaml demo.{key}={params[key]!r}: {why}")
+    def bad(key: str, why: str) -> InputError:
+        return InputError(f"params.yaml demo.{key}={params[key]!r}: {why}")
 
     for key in ("n_donors", "cells_per_donor", "n_genes", "targets_per_tf"):
         if int(params[key]) < 1:
@@ -408,8 +502,11 @@ def _validate(params: Mapping[str, Any]) -> None:
     ):
         if int(params[key]) < 0:
             raise bad(key, "must be zero or a positive integer.")
-    if not 0.0 <= params["fraction_ad"] <= 1.0:
-        raise bad("fraction_ad", "must lie in [0, 1].")
+    for key in ("fraction_ad", "resilient_fraction"):
+        if not 0.0 <= params[key] <= 1.0:
+            raise bad(key, "must lie in [0, 1].")
+    if not params["cell_type_effect_sd"] >= 0.0:
+        raise bad("cell_type_effect_sd", "must be zero or a positive number.")
     for key in ("low_quality_fraction", "doublet_rate"):
         if not 0.0 <= params[key] < 0.5:
             raise bad(key, "must lie in [0, 0.5).")
@@ -480,5 +577,6 @@ def write_demo(
     io.write_tsv(demo.truth_genes, paths["truth_genes"])
     io.write_tsv(demo.truth_ad_genes, paths["truth_ad_genes"])
     io.write_tsv(demo.truth_grn, paths["truth_grn"])
+    io.write_tsv(demo.truth_donors, paths["truth_donors"])
     io.write_json(demo.params, paths["truth_params"])
     return paths

@@ -2,8 +2,10 @@
 
 - Each fine cell type has a mean profile: a log-normal baseline over all genes with a per-type
   perturbation, marker genes strongly up in their type. A donor adds a small per-gene offset; AD
-  donors scale the AD genes by ``2 ** (log2_fold_change * severity)`` in the named cell types
-  (severity drawn per donor, mean 1).
+  donors scale the AD genes by ``2 ** (log2_fold_change * effect)`` in the named cell types.
+  The effect is per donor and major cell type (:func:`plant_ad_effects`): a severity drawn per
+  donor (mean 1), weakened in resilient donors, times a log-normal cell-type multiplier, so not
+  every AD donor, nor every cell type of one donor, is hit equally.
 - A TF program is a cell state: in the cell types where it can be active, each cell draws a latent
   activity ``a ~ N(0, 1)``, capped at 1.5, and the program is on where ``a > 0`` (half of the
   cells). Where it is on, the TF's mean scales with ``exp(1.4 a)`` and each target's mean with
@@ -88,6 +90,7 @@ _HIGH_MT_SHARE = (0.35, 0.65)
 _FEW_GENES_LIBRARY = (40, 150)  # multinomial total, so fewer than 150 genes by construction
 _CELLS_PER_DONOR_SD = 0.2
 _MIN_CELLS_PER_DONOR = 20
+_RESILIENCE = (0.05, 0.3)  # a resilient AD donor keeps this share of its severity
 COMPOSITION_CONCENTRATION = 60.0  # Dirichlet concentration of a donor's cell-type mix
 
 
@@ -160,6 +163,63 @@ def draw_donors(
             "n_libraries": n_libraries,
         }
     )
+
+
+def effect_column(cell_type: str) -> str:
+    """The donor table's (and ``truth/donors.tsv``'s) column of a major type's AD effect."""
+    return f"effect_{cell_type}"
+
+
+def plant_ad_effects(
+    rng: np.random.Generator,
+    donors: pd.DataFrame,
+    *,
+    resilient_fraction: float,
+    cell_type_effect_sd: float,
+) -> pd.DataFrame:
+    """Per donor and major cell type, the factor that scales the AD genes' log2 fold changes.
+
+    The effect of donor ``d`` in major type ``t`` is ``severity[d] * resilience[d] *
+    multiplier[d, t]``: ``round(resilient_fraction * n_AD)`` AD donors, chosen at random, are
+    resilient (``resilience ~ U(0.05, 0.3)``, else 1), and each AD donor x type draws
+    ``multiplier ~ lognormal(0, cell_type_effect_sd)``. Controls get 0 everywhere.
+
+    Parameters
+    ----------
+    rng
+        A generator of its own, not the one the rest of the data set is drawn from: the main
+        stream stays as it was, so with both options at 0 (every factor exactly 1) the data set is
+        the one drawn before these options existed. The same draws are made whatever the options,
+        so resilient donors at a larger fraction include those at a smaller one.
+    donors
+        From :func:`draw_donors` (``is_ad``, ``severity``).
+    resilient_fraction
+        Share of AD donors whose effect is weak.
+    cell_type_effect_sd
+        Log-scale standard deviation of the cell-type multipliers.
+
+    Returns
+    -------
+    A copy of ``donors`` with ``resilient`` (bool), ``resilience`` (1 unless resilient) and one
+    :func:`effect_column` per major type in :data:`CELL_TYPES`.
+    """
+    is_ad = donors["is_ad"].to_numpy(bool)
+    ad_rows = np.flatnonzero(is_ad)
+    order = rng.permutation(ad_rows)
+    weakening = rng.uniform(*_RESILIENCE, len(donors))
+    # Standard normals scaled by sd, so sd = 0 gives multipliers of exactly exp(0) = 1.
+    normals = rng.standard_normal((len(donors), len(CELL_TYPES)))
+    resilient = np.zeros(len(donors), dtype=bool)
+    resilient[order[: round(resilient_fraction * ad_rows.size)]] = True
+    resilience = np.where(resilient, weakening, 1.0)
+    multiplier = np.exp(cell_type_effect_sd * normals)
+    overall = np.where(is_ad, donors["severity"].to_numpy(float) * resilience, 0.0)
+    out = donors.copy()
+    out["resilient"] = resilient
+    out["resilience"] = resilience
+    for t, cell_type in enumerate(CELL_TYPES):
+        out[effect_column(cell_type)] = overall * multiplier[:, t]
+    return out
 
 
 def draw_barcodes(rng: np.random.Generator, n: int) -> list[str]:
@@ -283,13 +343,15 @@ def simulate_units(
 ) -> np.ndarray:
     """Counts (float64, dense) for simulated nuclei of one donor.
 
-    ``kind`` per unit: ``normal``, ``few_genes`` or ``high_mito``.
+    ``kind`` per unit: ``normal``, ``few_genes`` or ``high_mito``. ``donor`` carries ``depth``
+    and the AD effect per major type (:func:`plant_ad_effects`).
     """
     n = fine.size
     major = model.fine_major[fine]
     weights = model.fine_profiles[fine] * model.donor_offsets[donor_index][None, :]
-    if donor["severity"] > 0:
-        weights *= np.exp2(model.ad_log2[major] * donor["severity"])
+    effect = donor[[effect_column(c) for c in CELL_TYPES]].to_numpy(float)
+    if (effect > 0).any():
+        weights *= np.exp2(model.ad_log2[major] * effect[major][:, None])
     for program in model.programs:
         activity = rng.normal(0.0, 1.0, n)
         on = program["active"][major]
