@@ -490,17 +490,21 @@ def test_feature_logistic_chooses_features_on_the_training_donors_only() -> None
     )
 
 
-def test_feature_logistic_imputes_missing_blocks() -> None:
+@pytest.mark.parametrize("per_block", [False, True])
+def test_feature_logistic_imputes_missing_blocks(per_block: bool) -> None:
     frame = _feature_donors(32, signal=2.0, seed=5)
     frame.iloc[::5, :10] = np.nan  # donors missing a block
     frame.iloc[:24, 50] = np.nan  # a feature no training donor has
+    frame.iloc[1:24, 51] = np.nan  # one training donor has it: empty in most inner splits
     donors = _donor_frame(frame.index.tolist(), _labels(32))
-    method = _pseudobulk_method(frame, n_top=None)
+    blocks = ["a" if j < 30 else "b" for j in range(frame.shape[1])] if per_block else None
+    method = _pseudobulk_method(frame, n_top=20 if per_block else None, blocks=blocks)
     scored = method.fit_score(
         frame.index[:24].tolist(), _labels(32)[:24], frame.index[24:].tolist(), seed=0
     )
     assert np.isfinite(scored.scores).all()
     assert roc_auc_score(donors["label"].iloc[24:], scored.scores) > 0.8
+    assert all(np.isfinite(choice["inner_auroc"]) for choice in method.chosen)
 
 
 def _blocked_donors(n: int, seed: int) -> pd.DataFrame:

@@ -150,7 +150,10 @@ class FeatureLogistic:
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
 
-        steps: list[tuple[str, Any]] = [("impute", SimpleImputer(strategy="mean"))]
+        # keep_empty_features: an inner split may lack every value of a column the fold has, and the
+        # column count must not change under the per-block selection.
+        imputer = SimpleImputer(strategy="mean", keep_empty_features=True)
+        steps: list[tuple[str, Any]] = [("impute", imputer)]
         if self.n_top is not None and self.blocks is not None:
             blocks = tuple(np.asarray(self.blocks)[usable])
             sizes = pd.Series(blocks).value_counts()
@@ -188,8 +191,12 @@ class FeatureLogistic:
             # saga on a few dozen donors: a C that does not converge is scored and usually lost.
             warnings.simplefilter("ignore", ConvergenceWarning)
             search.fit(x_train[:, usable], labels)
+        inner_auroc = float(search.best_score_)
         self.chosen.append(
-            {"C": search.best_params_["model__C"], "inner_auroc": search.best_score_}
+            {
+                "C": search.best_params_["model__C"],
+                "inner_auroc": inner_auroc if np.isfinite(inner_auroc) else None,
+            }
         )
         x_score = self.features.loc[list(score)].to_numpy(dtype=np.float64)[:, usable]
         return Scored(scores=search.predict_proba(x_score)[:, 1])
@@ -248,8 +255,12 @@ class CellLogistic:
             n_jobs=1,
         )
         search.fit(self.embeddings[rows], y, groups=self.donors[rows])
+        inner_auroc = float(search.best_score_)
         self.chosen.append(
-            {"C": search.best_params_["model__C"], "inner_auroc": search.best_score_}
+            {
+                "C": search.best_params_["model__C"],
+                "inner_auroc": inner_auroc if np.isfinite(inner_auroc) else None,
+            }
         )
         return Scored(scores=mean_per_donor(self.embeddings, self.donors, score, search))
 
