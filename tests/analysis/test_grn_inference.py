@@ -93,8 +93,12 @@ def planted_world(n: int, *, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
     return cells, counts
 
 
-def pretrain(cells: list[np.ndarray], *, epochs: int = 40, seed: int = 0) -> BertForMaskedLM:
-    """Masked-gene pretraining of a tiny BERT (one thread: fastest for a model this small)."""
+def pretrain(cells: list[np.ndarray], *, epochs: int = 80, seed: int = 0) -> BertForMaskedLM:
+    """Masked-gene pretraining of a tiny BERT (one thread: fastest for a model this small).
+
+    80 epochs, not 40: after 40 the model had only begun to learn the programs, and whether its
+    deletion AUPR cleared 4x the prevalence depended on the CPU (0.109 on an AMD EPYC, against a
+    bar of 0.156); after 80 it is 0.60 there."""
     with one_thread():
         torch.manual_seed(seed)
         model = BertForMaskedLM(tiny_geneformer_config(VOCAB))
