@@ -169,5 +169,13 @@ def test_a_fine_tuning_param_reruns_only_what_reads_the_fine_tuned_models() -> N
         stages = {stage.addressing: stage for stage in graph.nodes}
         trains = [stages["train@cell_type"], stages["train@disease"]]
         downstream = {s.addressing for t in trains for s in nx.ancestors(graph, t)}
-    # grn reads the base model (grn.model), the report reads every report.
-    assert downstream == {"evaluate@cell_type", "evaluate@disease", "embed", "perturb", "report"}
+    # grn reads the base model (grn.model), the report reads every report, donor scores donors
+    # with the fine-tuned disease model.
+    assert downstream == {
+        "evaluate@cell_type",
+        "evaluate@disease",
+        "donor@disease",
+        "embed",
+        "perturb",
+        "report",
+    }
