@@ -143,7 +143,7 @@ def _add_summary(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_summary(args: argparse.Namespace) -> int:
-    from rosmap_geneformer.analysis.report import headline
+    from rosmap_geneformer.analysis.headline import headline
     from rosmap_geneformer.params import read_params
 
     params = read_params(args.params)

@@ -11,7 +11,8 @@ import yaml
 
 from builders import ROOT, run_stage_process, write_params
 from rosmap_geneformer import io
-from rosmap_geneformer.analysis.report import ReportBuilder, headline
+from rosmap_geneformer.analysis.headline import headline
+from rosmap_geneformer.analysis.report import ReportBuilder
 from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.params import DEMO_REGULATORS, check_demo_only, read_params
 from rosmap_geneformer.params_schema import Params

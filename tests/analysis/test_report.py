@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from rosmap_geneformer import io
-from rosmap_geneformer.analysis.report import SECTIONS, ReportBuilder, headline
+from rosmap_geneformer.analysis.headline import headline
+from rosmap_geneformer.analysis.report import SECTIONS, ReportBuilder
 
 CHROMIUM_FLAGS = [
     "--headless",

@@ -19,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from rosmap_geneformer.analysis.headline import mean_sd, warning_messages, with_ci
 from rosmap_geneformer.params import SPLITS
 
 logger = logging.getLogger(__name__)
@@ -248,8 +249,8 @@ class ReportBuilder:
                             "task": task,
                             "level": level,
                             "metric": metric,
-                            "fine-tuned": _with_ci((tuned or {}).get(level, {}), metric),
-                            "baseline (logistic regression)": _with_ci(
+                            "fine-tuned": with_ci((tuned or {}).get(level, {}), metric),
+                            "baseline (logistic regression)": with_ci(
                                 (base or {}).get(level, {}), metric
                             ),
                         }
@@ -371,16 +372,6 @@ def _img(png: bytes, *, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
 
 
-def warning_messages(content: Mapping[str, Any]) -> list[str]:
-    """The messages of a stage report's ``warnings`` (entries with a ``message``, or strings)."""
-    out = []
-    for entry in content.get("warnings") or []:
-        message = entry.get("message") if isinstance(entry, Mapping) else entry
-        if message:
-            out.append(str(message))
-    return out
-
-
 def _warnings(content: Mapping[str, Any]) -> str:
     messages = warning_messages(content)
     if not messages:
@@ -451,22 +442,6 @@ def _metric_names(level: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _with_ci(level: Mapping[str, Any], metric: str) -> str | None:
-    value = level.get(metric)
-    if value is None:
-        return None
-    low, high = level.get(f"{metric}_ci_low"), level.get(f"{metric}_ci_high")
-    text = f"{value:.3f}"
-    return f"{text} [{low:.3f}, {high:.3f}]" if low is not None and high is not None else text
-
-
-def _mean_sd(entry: Mapping[str, Any]) -> str | None:
-    mean, sd = entry.get("cv_auroc"), entry.get("cv_auroc_sd")
-    if mean is None:
-        return None
-    return f"{mean:.3f} ± {sd:.3f}" if sd is not None else f"{mean:.3f}"
-
-
 def _difference(entry: Mapping[str, Any], prefix: str) -> str | None:
     value = entry.get(f"{prefix}_difference")
     if value is None:
@@ -483,86 +458,17 @@ def donor_table(metrics: Mapping[str, Any], *, reference: str = "pseudobulk") ->
         rows.append(
             {
                 "method": name,
-                "CV AUROC (mean ± sd)": _mean_sd(entry),
-                "CV pooled AUROC": _with_ci(entry, "cv_pooled_auroc"),
-                "test AUROC": _with_ci(entry, "test_auroc"),
+                "CV AUROC (mean ± sd)": mean_sd(entry),
+                "CV pooled AUROC": with_ci(entry, "cv_pooled_auroc"),
+                "test AUROC": with_ci(entry, "test_auroc"),
                 "threshold": entry.get("threshold"),
-                "test accuracy": _with_ci(entry, "test_accuracy"),
-                "test balanced accuracy": _with_ci(entry, "test_balanced_accuracy"),
+                "test accuracy": with_ci(entry, "test_accuracy"),
+                "test balanced accuracy": with_ci(entry, "test_balanced_accuracy"),
                 f"CV Δ vs {reference}": _difference(entry, f"cv_vs_{reference}"),
                 f"test Δ vs {reference}": _difference(entry, f"test_vs_{reference}"),
             }
         )
     return pd.DataFrame(rows)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-HEADLINE_METRICS = (("cell", "macro_f1"), ("cell", "accuracy"), ("patient", "auroc"))
-
-
-def headline(reports: str | Path, tasks: Sequence[str]) -> str:
-    """The few numbers a demo run is judged by, as plain text for the terminal.
-
-    First the warnings of ``reports/split.json`` (too few donors of a class in val or test)
-    and of ``reports/grn/summary.json`` (regulators absent from the data, a truth network
-    without them); then the test metrics of each task (fine-tuned model and baseline, with 95%
-    intervals), every donor-level method (CV and test AUROC), the tuning study, the top perturbed
-    genes and the network scores; ``dvc metrics show`` lists the rest.
-    """
-    reports = Path(reports)
-    lines = []
-    for name, path in (
-        ("split", reports / "split.json"),
-        ("grn", reports / "grn" / "summary.json"),
-    ):
-        lines.extend(f"WARNING ({name}): {m}" for m in warning_messages(_read_json(path)))
-    lines.append("test set (95% bootstrap interval over patients):")
-    for task in tasks:
-        for source in ("eval", "baseline"):
-            metrics = _read_json(reports / source / task / "metrics.json")
-            label = "fine-tuned" if source == "eval" else "baseline"
-            parts = [
-                f"{level} {name} {_with_ci(metrics[level], name)}"
-                for level, name in HEADLINE_METRICS
-                if name in metrics.get(level, {})
-            ]
-            lines.append(f"  {task:<10} {label:<10} " + ("; ".join(parts) or "not run yet"))
-    for task in tasks:
-        donor = _read_json(reports / "donor" / task / "summary.json")
-        if donor.get("methods"):
-            counts = donor.get("donors", {})
-            lines.append(
-                f"donor-level {task} ({counts.get('cv')} CV donors, {counts.get('test')} test "
-                "donors): CV AUROC mean ± sd | test AUROC [95% interval]"
-            )
-            for name, entry in donor["methods"].items():
-                lines.append(
-                    f"  {name:<26} {_mean_sd(entry) or 'not cross-validated':<20} | "
-                    f"{_with_ci(entry, 'test_auroc')}"
-                )
-    tune = _read_json(reports / "tune" / "metrics.json")
-    if tune.get("best"):
-        baseline = (tune.get("baseline") or {}).get("value")
-        shown = "-" if baseline is None else f"{baseline:.3f}"
-        lines.append(
-            f"tune ({tune['task']}, {tune['metric']}): best {tune['best']['value']:.3f} "
-            f"(trial {tune['best']['trial']}) vs defaults {shown}; {tune['trials']}"
-        )
-    perturb = _read_json(reports / "perturb" / "summary.json")
-    for kind, run in sorted((perturb.get("runs") or {}).items()):
-        lines.append(f"perturb {kind}: top genes {', '.join(run.get('top_genes', [])[:8])}")
-    network = _read_json(reports / "grn" / "metrics.json")
-    scored = [m for m in ("perturbation", "coexpression", "random") if m in network]
-    if scored:
-        lines.append(
-            "grn AUPR: "
-            + ", ".join(f"{m} {network[m]['aupr']:.3f}" for m in scored)
-            + f" (prevalence {network.get('prevalence', float('nan')):.3f})"
-        )
-    return "\n".join(lines)
 
 
 def _plot_curves(curves: Mapping[str, pd.DataFrame | None], *, title: str) -> bytes:
