@@ -51,11 +51,16 @@ def random_cells(n: int, *, seed: int, special: bool) -> list[list[int]]:
     return cells
 
 
-def reference_embedding(model: torch.nn.Module, ids: list[int], layer: int, special: bool):
-    """Full model, one cell at a time, hidden_states[layer], mean over the gene positions."""
+def reference_embedding(
+    model: torch.nn.Module, ids: list[int], layer: int, special: bool, emb_mode: str = "auto"
+):
+    """Full model, one cell at a time, hidden_states[layer]: the <cls> vector of a V2 cell
+    (Geneformer's default), else the mean over the gene positions."""
     with torch.no_grad():
         states = model.bert(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
     h = states[layer][0]
+    if special and emb_mode != "cell":
+        return h[0].numpy()
     return (h[1:-1] if special else h).mean(0).numpy()
 
 
@@ -99,8 +104,8 @@ def test_truncated_encoder_matches_hidden_states(saved_models, emb_layer):
     assert len(encoder.encoder.layer) == 3  # the view leaves the encoder whole
 
 
-@pytest.mark.parametrize("special", [False, True])
-def test_cell_embeddings_match_one_cell_at_a_time(saved_models, special):
+@pytest.mark.parametrize(("special", "emb_mode"), [(False, "auto"), (True, "auto"), (True, "cell")])
+def test_cell_embeddings_match_one_cell_at_a_time(saved_models, special, emb_mode):
     path, model = saved_models["classifier"]
     cells = random_cells(11, seed=2, special=special)
     dataset = datasets.Dataset.from_dict({"input_ids": cells, "length": [len(c) for c in cells]})
@@ -108,12 +113,18 @@ def test_cell_embeddings_match_one_cell_at_a_time(saved_models, special):
     if special:
         token_dictionary.update({"<cls>": 2, "<eos>": 3})
     got = embeddings.cell_embeddings(
-        path, dataset, emb_layer=-1, batch_size=4, token_dictionary=token_dictionary
+        path,
+        dataset,
+        emb_layer=-1,
+        batch_size=4,
+        token_dictionary=token_dictionary,
+        emb_mode=emb_mode,
     )
     assert got.dtype == np.float32
     assert got.shape == (11, 32)
     for i, ids in enumerate(cells):  # rows stay in dataset order despite length sorting
-        np.testing.assert_allclose(got[i], reference_embedding(model, ids, 2, special), atol=2e-5)
+        expected = reference_embedding(model, ids, 2, special, emb_mode)
+        np.testing.assert_allclose(got[i], expected, atol=2e-5)
 
 
 def test_special_tokens_detected_from_data_or_dictionary():

@@ -6,8 +6,10 @@ Conventions follow Geneformer's ``EmbExtractor``:
   is the embedding output), and the layer read is ``n_layers + emb_layer``; ``emb_layer=0`` is the
   last layer, ``-1`` (the default) the second to last;
 - batches are padded on the right with ``<pad>`` and carry an attention mask;
-- a cell embedding is the mean over the cell's gene positions: padding is excluded, and so are
-  ``<cls>`` (first position) and ``<eos>`` (last position) when the dataset has them (V2);
+- a cell embedding (:func:`pool_cells`) is, by default (``emb_mode="auto"``), the ``<cls>``
+  vector when the cells carry ``<cls>`` (V2; Geneformer's default ``emb_mode="cls"``), else the
+  mean over the cell's gene positions (V1, ``emb_mode="cell"``), padding excluded, and
+  ``<cls>``/``<eos>`` excluded when present;
 - a gene embedding is the hidden state at the gene's position.
 
 Layers past the one that is read do not change it, so they are not run (a 6-layer model read at
@@ -261,14 +263,54 @@ def mean_pool(
     return (states * weights[:, :, None]).sum(dim=1) / counts
 
 
+EMB_MODES = ("auto", "cls", "cell")
+
+
+def pool_cells(
+    states: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    special_tokens: bool,
+    emb_mode: str = "auto",
+) -> torch.Tensor:
+    """Cell embeddings from hidden states, as Geneformer reads them.
+
+    Parameters
+    ----------
+    states
+        Cells x positions x hidden.
+    lengths
+        Tokens per row (padding follows).
+    special_tokens
+        The cells start with ``<cls>`` and end with ``<eos>`` (V2).
+    emb_mode
+        ``"cls"``: the ``<cls>`` vector (position 0; V2 only); ``"cell"``: the mean over the gene
+        positions (:func:`mean_pool`, specials excluded); ``"auto"``: ``"cls"`` when the cells
+        carry ``<cls>``, else ``"cell"`` (Geneformer's ``EmbExtractor`` and ``InSilicoPerturber``
+        default to ``"cls"`` for V2 and switch V1 to ``"cell"``).
+    """
+    if emb_mode not in EMB_MODES:
+        msg = f"emb_mode={emb_mode!r}: use one of {list(EMB_MODES)}."
+        raise InputError(msg)
+    if emb_mode == "cls" and not special_tokens:
+        msg = (
+            "emb_mode='cls' needs cells that start with <cls> (a V2 dataset); these cells have "
+            "none: use emb_mode='cell' or 'auto'."
+        )
+        raise InputError(msg)
+    if emb_mode == "cls" or (emb_mode == "auto" and special_tokens):
+        return states[:, 0, :]
+    return mean_pool(states, lengths, exclude_first=special_tokens, exclude_last=special_tokens)
+
+
 def embed_batch(
     encoder: BertModel,
     input_ids_list: Sequence[Sequence[int]],
     *,
     layer_index: int,
     pad_token_id: int = 0,
-    exclude_first: bool = False,
-    exclude_last: bool = False,
+    special_tokens: bool = False,
+    emb_mode: str = "auto",
     gene_embeddings: bool = True,
     precision: str = "auto",
 ) -> tuple[np.ndarray, list[np.ndarray] | None]:
@@ -284,8 +326,10 @@ def embed_batch(
         Entry of ``hidden_states`` to read (:func:`hidden_layer_index`).
     pad_token_id
         The ``<pad>`` id.
-    exclude_first, exclude_last
-        Leave ``<cls>`` / ``<eos>`` out of the cell mean (V2 datasets).
+    special_tokens
+        The cells carry ``<cls>``/``<eos>`` (V2).
+    emb_mode
+        ``auto``, ``cls`` or ``cell`` (:func:`pool_cells`).
     gene_embeddings
         Also return the per-position embeddings.
     precision
@@ -304,7 +348,7 @@ def embed_batch(
     states = hidden_states(
         encoder, ids_t, layer_index=layer_index, attention_mask=mask_t, precision=precision
     )
-    cells = mean_pool(states, lengths, exclude_first=exclude_first, exclude_last=exclude_last)
+    cells = pool_cells(states, lengths, special_tokens=special_tokens, emb_mode=emb_mode)
     genes = None
     if gene_embeddings:
         host = states.cpu().numpy()
@@ -345,8 +389,9 @@ def cell_embeddings(
     token_dictionary: Mapping[str, int] | None = None,
     encoder: BertModel | None = None,
     precision: str = "auto",
+    emb_mode: str = "auto",
 ) -> np.ndarray:
-    """Mean-pooled cell embeddings (Geneformer's ``emb_mode="cell"``) of every cell of a dataset.
+    """Cell embeddings (:func:`pool_cells`) of every cell of a dataset.
 
     Parameters
     ----------
@@ -368,6 +413,8 @@ def cell_embeddings(
         An already loaded encoder (skips loading ``model_dir``).
     precision
         ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32`` or ``bfloat16``.
+    emb_mode
+        ``auto`` (``<cls>`` for V2 cells, the gene mean for V1), ``cls`` or ``cell``.
 
     Returns
     -------
@@ -399,8 +446,8 @@ def cell_embeddings(
             batch,
             layer_index=layer_index,
             pad_token_id=pad_token_id,
-            exclude_first=special_tokens,
-            exclude_last=special_tokens,
+            special_tokens=special_tokens,
+            emb_mode=emb_mode,
             gene_embeddings=False,
             precision=precision,
         )

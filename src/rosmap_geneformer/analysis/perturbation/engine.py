@@ -11,7 +11,9 @@ Encodings, per cell and per perturbed gene (``geneformer-spec.md`` section 7):
 
 Shifts measured here:
 
-- cell mode: ``cos(perturbed, original)`` of the mean-pooled cell embeddings;
+- cell mode: ``cos(perturbed, original)`` of the cell embeddings: the mean over the genes (V1),
+  or the ``<cls>`` vector when the cells carry it (V2, Geneformer's ``emb_mode="cls"``;
+  :func:`rosmap_geneformer.analysis.embeddings.pool_cells`);
 - gene mode: for each remaining gene, ``cos`` between its embedding in the perturbed cell and in
   the original cell, positions aligned after the removal (or the move).
 
@@ -39,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BertModel
 
-from rosmap_geneformer.analysis.embeddings import hidden_states, mean_pool
+from rosmap_geneformer.analysis.embeddings import hidden_states, pool_cells
 from rosmap_geneformer.errors import InputError
 
 PERTURB_TYPES = ("delete", "overexpress")
@@ -302,7 +304,8 @@ def perturb_cells(
     layer_index
         ``hidden_states`` entry to read (:func:`rosmap_geneformer.analysis.embeddings.hidden_layer_index`).
     special_tokens
-        V2 layout: ``<cls>``/``<eos>`` are excluded from means and gene comparisons.
+        V2 layout: the cell embedding is the ``<cls>`` vector, and ``<cls>``/``<eos>`` are left
+        out of the gene comparisons.
     gene_mode
         Also compare every remaining gene's embedding (``*_and_gene`` modes).
     max_tokens
@@ -440,7 +443,7 @@ def _run_chunk(
     pos = {i: np.asarray(positions[i], dtype=np.int64) for i in chunk}
 
     def forward(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hidden states of ``rows`` and their mean-pooled cell embeddings."""
+        """Hidden states of ``rows`` and their cell embeddings."""
         states, lengths = _forward(
             encoder,
             rows,
@@ -450,9 +453,7 @@ def _run_chunk(
             device=device,
             engine_stats=engine_stats,
         )
-        pooled = mean_pool(
-            states, lengths, exclude_first=special_tokens, exclude_last=special_tokens
-        )
+        pooled = pool_cells(states, lengths, special_tokens=special_tokens)
         return states, pooled
 
     # Originals, longest first (the chunk is already in that order).
@@ -574,9 +575,7 @@ def naive_cell_shifts(
             )
         states = out.hidden_states[layer_index].float()
         length = torch.tensor([len(tokens)], device=device)
-        return mean_pool(states, length, exclude_first=special_tokens, exclude_last=special_tokens)[
-            0
-        ]
+        return pool_cells(states, length, special_tokens=special_tokens)[0]
 
     original = embed(ids).cpu().numpy()
     rows = []
