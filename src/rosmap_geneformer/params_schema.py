@@ -371,6 +371,14 @@ class Tune(Section):
     space: dict[str, Any] = Field(default_factory=dict)
 
 
+class PerturbScreen(Section):
+    """How deletions are found: ``exact`` (every one a forward pass) or ``estimate`` first."""
+
+    method: Literal["exact", "estimate"] = "exact"
+    grid: int = Field(16, ge=2)
+    confirm: float = Field(0.05, gt=0, le=0.5)
+
+
 class Perturb(Section):
     task: str = "disease"
     emb_layer: int = 0
@@ -393,6 +401,7 @@ class Perturb(Section):
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(32, gt=0)
     top_n: int = Field(25, gt=0)
+    screen: PerturbScreen = Field(default_factory=PerturbScreen)
 
 
 class GRN(Section):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -24,10 +24,16 @@ from rosmap_geneformer.analysis.embeddings import PRECISIONS
 from rosmap_geneformer.analysis.perturbation.engine import (
     DEFAULT_MAX_TOKENS,
     PERTURB_TYPES,
+    CellPerturbations,
     EngineStats,
     cosine,
     gene_slice,
     perturb_cells,
+)
+from rosmap_geneformer.analysis.perturbation.estimate import (
+    DEFAULT_GRID,
+    EstimateStats,
+    estimate_deletions,
 )
 from rosmap_geneformer.analysis.perturbation.statistics import (
     DEFAULT_NULL_SIZE,
@@ -56,11 +62,63 @@ class PerturbationResult:
         Ranked table, one row per gene (see
         :func:`~rosmap_geneformer.analysis.perturbation.statistics.perturbation_table`).
     engine
-        Counters of the forward passes.
+        Counters of the exact forward passes (all of them, grid and confirmation included).
+    screen
+        What the screen did (``method``, and for ``estimate`` its counts); ``{"method": "exact"}``
+        when every perturbation was run exactly.
     """
 
     table: pd.DataFrame
     engine: EngineStats
+    screen: dict[str, Any]
+
+
+SCREEN_METHODS = ("exact", "estimate")
+
+
+@dataclass(frozen=True)
+class ScreenSettings:
+    """``params.yaml: perturb.screen``: how deletions are found.
+
+    Attributes
+    ----------
+    method
+        ``exact``: every deletion of every cell is a forward pass (Geneformer's way, the
+        default). ``estimate``: every deletion is first estimated
+        (:mod:`rosmap_geneformer.analysis.perturbation.estimate`), then the genes at both ends of
+        the ranking are run exactly in every cell (overexpression is always exact).
+    grid
+        Exact deletions per cell for the estimate.
+    confirm
+        Fraction of the genes, at each end of the estimated ranking, run exactly afterwards.
+    """
+
+    method: str = "exact"
+    grid: int = DEFAULT_GRID
+    confirm: float = 0.05
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any] | None) -> ScreenSettings:
+        """Build from ``params.yaml: perturb.screen`` (unknown keys are an error)."""
+        values = dict(values or {})
+        check_known_keys(values, cls.__dataclass_fields__, section="perturb.screen")
+        settings = cls(**values)
+        if settings.method not in SCREEN_METHODS:
+            msg = (
+                f"params.yaml perturb.screen.method={settings.method!r}: use one of "
+                f"{list(SCREEN_METHODS)}."
+            )
+            raise InputError(msg)
+        if not 0 < settings.confirm <= 0.5:
+            msg = (
+                f"params.yaml perturb.screen.confirm={settings.confirm}: use a fraction in "
+                "(0, 0.5] (the genes run exactly at each end of the ranking)."
+            )
+            raise InputError(msg)
+        if settings.grid < 2:
+            msg = f"params.yaml perturb.screen.grid={settings.grid}: use at least 2."
+            raise InputError(msg)
+        return settings
 
 
 def genes_to_perturb(
@@ -120,6 +178,7 @@ def run_state_perturbation(
     null_size: int = DEFAULT_NULL_SIZE,
     seed: int = 0,
     progress: bool = True,
+    screen: ScreenSettings | None = None,
 ) -> PerturbationResult:
     """Perturb ``genes`` one at a time in every cell and test the shifts towards each state.
 
@@ -148,42 +207,61 @@ def run_state_perturbation(
         Pooled null for the rank-sum test (per state).
     progress
         Show a progress bar.
+    screen
+        ``exact`` (default) or ``estimate`` then exact confirmation (:class:`ScreenSettings`).
 
     Returns
     -------
-    The per-gene table (indexed by token) and the engine counters.
+    The per-gene table (indexed by token; with ``estimate``, a ``confirmed`` column: run exactly
+    in every cell), the engine counters and the screen report.
     """
     if goal_state not in centroids:
         msg = f"goal state {goal_state!r} has no centroid; states: {sorted(centroids)}."
         raise InputError(msg)
+    screen = screen or ScreenSettings()
     positions = perturbation_positions(
         cells, genes, perturb_type=perturb_type, special_tokens=special_tokens
     )
-    per_state: dict[str, dict[int, list[np.ndarray]]] = {s: {} for s in centroids}
-    if start_state is not None and start_state in centroids:
-        per_state[NET] = {}
-    cos_original: dict[int, list[np.ndarray]] = {}
+    net = (
+        (goal_state, start_state) if start_state is not None and start_state in centroids else None
+    )
+    run = {
+        "layer_index": layer_index,
+        "special_tokens": special_tokens,
+        "max_tokens": max_tokens,
+        "pad_token_id": pad_token_id,
+        "precision": precision,
+        "progress": progress,
+    }
     engine = EngineStats()
-    for result in perturb_cells(
-        encoder,
-        cells,
-        positions,
-        perturb_type=perturb_type,
-        layer_index=layer_index,
-        special_tokens=special_tokens,
-        max_tokens=max_tokens,
-        pad_token_id=pad_token_id,
-        precision=precision,
-        progress=progress,
-        engine_stats=engine,
-    ):
-        shifts = state_shifts(result.perturbed, result.original, centroids)
-        if start_state is not None and start_state in shifts:
-            shifts[NET] = shifts[goal_state] - shifts[start_state]
-        cosines = result.cell_cosines
-        for k, token in enumerate(result.tokens.tolist()):
+    report: dict[str, Any] = {"method": "exact"}
+    if screen.method == "estimate" and perturb_type == "delete":
+        per_cell, report = _estimate_then_confirm(
+            encoder,
+            cells,
+            positions,
+            centroids,
+            net=net,
+            key=goal_state if rank_by == "goal" else NET,
+            screen=screen,
+            engine=engine,
+            run=run,
+        )
+    else:
+        if screen.method == "estimate":
+            report["note"] = "the estimate covers deletion only; overexpression is run exactly"
+        per_cell = [
+            _measured(result, centroids, net)
+            for result in perturb_cells(
+                encoder, cells, positions, perturb_type=perturb_type, engine_stats=engine, **run
+            )
+        ]
+    per_state: dict[str, dict[int, list[np.ndarray]]] = {}
+    cos_original: dict[int, list[np.ndarray]] = {}
+    for tokens, shifts, cosines in per_cell:
+        for k, token in enumerate(tokens.tolist()):
             for state, values in shifts.items():
-                per_state[state].setdefault(token, []).append(values[k : k + 1])
+                per_state.setdefault(state, {}).setdefault(token, []).append(values[k : k + 1])
             cos_original.setdefault(token, []).append(cosines[k : k + 1])
     collected = {
         state: {t: np.concatenate(v) for t, v in values.items()}
@@ -197,7 +275,92 @@ def run_state_perturbation(
         null_size=null_size,
         seed=seed,
     )
-    return PerturbationResult(table=table, engine=engine)
+    if "confirmed_genes" in report:
+        table["confirmed"] = table.index.isin(report.pop("confirmed_genes"))
+    return PerturbationResult(table=table, engine=engine, screen=report)
+
+
+Measured = tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]
+
+
+def _with_net(shifts: dict[str, np.ndarray], net: tuple[str, str] | None) -> dict[str, np.ndarray]:
+    if net is not None:
+        shifts[NET] = shifts[net[0]] - shifts[net[1]]
+    return shifts
+
+
+def _measured(
+    result: CellPerturbations, centroids: Mapping[str, np.ndarray], net: tuple[str, str] | None
+) -> Measured:
+    """Tokens, shifts towards each state (and the net shift) and cosines of one cell's run."""
+    shifts = _with_net(state_shifts(result.perturbed, result.original, centroids), net)
+    return result.tokens, shifts, result.cell_cosines
+
+
+def _estimate_then_confirm(
+    encoder: BertModel,
+    cells: Sequence[Sequence[int]],
+    positions: list[np.ndarray],
+    centroids: Mapping[str, np.ndarray],
+    *,
+    net: tuple[str, str] | None,
+    key: str,
+    screen: ScreenSettings,
+    engine: EngineStats,
+    run: dict[str, Any],
+) -> tuple[list[Measured], dict[str, Any]]:
+    """Estimate every deletion, then run the genes at both ends of the estimated ranking exactly.
+
+    Returns the per-cell results (longest cell first, as the exact engine) and the screen report
+    (with ``confirmed_genes``, the tokens run exactly in every cell).
+    """
+    stats = EstimateStats(engine=engine)
+    estimated = list(
+        estimate_deletions(
+            encoder, cells, positions, centroids, grid=screen.grid, stats=stats, **run
+        )
+    )
+    per_cell = [(e.tokens, _with_net(dict(e.shifts), net), e.cell_cosines) for e in estimated]
+    means: dict[int, list[float]] = {}
+    for tokens, shifts, _ in per_cell:
+        for token, value in zip(tokens.tolist(), shifts[key].tolist(), strict=True):
+            means.setdefault(token, []).append(value)
+    ranked = sorted(means, key=lambda t: (-float(np.mean(means[t])), t))
+    n_confirm = min(len(ranked), int(np.ceil(screen.confirm * len(ranked))))
+    confirmed = np.array(sorted(set(ranked[:n_confirm]) | set(ranked[-n_confirm:])), np.int64)
+    where = {e.cell: k for k, e in enumerate(estimated)}
+    todo = [np.zeros(0, np.int64)] * len(cells)
+    rows = {}
+    for e in estimated:
+        rows[e.cell] = np.flatnonzero(np.isin(e.tokens, confirmed) & ~e.exact)
+        todo[e.cell] = positions[e.cell][rows[e.cell]]
+    grid_passes = engine.forward_passes
+    grid_perturbations = engine.perturbations
+    for result in perturb_cells(
+        encoder, cells, todo, perturb_type="delete", engine_stats=engine, **run
+    ):
+        tokens, shifts, cosines = per_cell[where[result.cell]]
+        _, exact, exact_cosines = _measured(result, centroids, net)
+        for state, values in exact.items():
+            shifts[state][rows[result.cell]] = values
+        cosines[rows[result.cell]] = exact_cosines
+    report = {
+        "method": "estimate",
+        "grid": screen.grid,
+        "confirm": screen.confirm,
+        "estimated_perturbations": stats.estimated,
+        "exact_grid_perturbations": grid_perturbations,
+        "exact_confirmation_perturbations": engine.perturbations - grid_perturbations,
+        "forward_passes": {
+            "grid": grid_passes,
+            "confirmation": engine.forward_passes - grid_passes,
+        },
+        "backward_passes": stats.backward_passes,
+        "gradient_seconds": round(stats.gradient_seconds, 3),
+        "genes_confirmed": int(confirmed.size),
+        "confirmed_genes": confirmed,
+    }
+    return per_cell, report
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +414,8 @@ class PerturbSettings:
         Cells per forward pass for the centroid embeddings.
     top_n
         Genes shown in the plot.
+    screen
+        Exact deletions or an estimate first (:class:`ScreenSettings`).
     """
 
     task: str = "disease"
@@ -272,12 +437,14 @@ class PerturbSettings:
     precision: str = "auto"
     batch_size: int = 32
     top_n: int = 25
+    screen: ScreenSettings = ScreenSettings()
 
     @classmethod
     def from_params(cls, values: Mapping[str, Any]) -> PerturbSettings:
         """Build from ``params.yaml: perturb`` (unknown keys are an error)."""
         check_known_keys(values, cls.__dataclass_fields__, section="perturb")
         values = dict(values)
+        values["screen"] = ScreenSettings.from_params(values.get("screen"))
         for key in ("alt_states", "types"):
             if key in values:
                 values[key] = tuple(values[key] or ())
@@ -418,7 +585,10 @@ def perturb_dataset(
         np.ones(len(dataset), bool) if settings.cell_type is None else types == settings.cell_type
     )
     summary: dict[str, Any] = {
-        "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
+        "settings": {
+            k: asdict(v) if isinstance(v := getattr(settings, k), ScreenSettings) else v
+            for k in settings.__dataclass_fields__
+        },
         "layer_index": layer_index,
         "n_layers": encoder.config.num_hidden_layers,
         "cells": {
@@ -497,6 +667,7 @@ def perturb_dataset(
             null_size=settings.null_size,
             seed=seed,
             progress=progress,
+            screen=settings.screen,
         )
         table = annotate_table(
             result.table,
@@ -516,6 +687,7 @@ def perturb_dataset(
             else 0,
             "significant": int(table["significant"].sum()),
             "top_genes": table["symbol"].head(10).tolist(),
+            "screen": result.screen,
         }
         logger.info(
             "%s: %d perturbations in %.1f s (%.1f/s); %d of %d genes significant at FDR %.2g",
