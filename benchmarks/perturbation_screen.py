@@ -1,0 +1,422 @@
+"""The deletion screen against the exact run (not a test): ``python benchmarks/perturbation_screen.py``.
+
+For each model, the same cells and genes are deleted exactly (the project's engine, every gene a
+forward pass) and estimated (``perturb.screen.method: estimate``: a grid of exact deletions per
+cell plus one backward pass per state, :mod:`rosmap_geneformer.analysis.perturbation.estimate`),
+both timed in CPU-seconds in the same process, one after the other. From the two, for each
+``confirm`` fraction, the table the stage would write (genes at both ends of the estimated
+ranking replaced by their exact values) is scored against the exact table: recall of the exact
+top 1% and top 50 genes (by the net shift, the stage's ranking), Spearman of the per-gene net
+shift, and the FDR calls (BH < 0.05 on the net shift). The cost of a ``confirm`` setting is the
+measured estimate plus its confirmed deletions at the exact run's measured CPU-seconds per
+deletion (computed, not a separate run); ``confirm: 0.05`` is also run through the stage's own
+code (``run_state_perturbation``) and timed.
+
+Models: ``demo`` (``models/finetuned/disease`` and its AD Mic cells, state centroids as the
+perturb stage; needs the demo), ``v1_10m`` (Geneformer-V1-10M's shape, random seeded weights,
+cells of 512 tokens) and ``v2_layout`` (V2's layout: ``<cls>``/``<eos>``, 4,096 positions, the
+``<cls>`` vector read; V1-10M-sized layers: an exact all-genes run of V2-104M is out of reach on
+two cores). Random weights have no order along the position, which the estimate interpolates
+along: they are its hard case. Speed at Geneformer's length: one cell of 2,048 tokens on the
+V1-10M shape, the estimate measured whole and the exact rate measured on ``--sample`` deletions.
+
+Geneformer's own ``InSilicoPerturber`` cannot be installed here (not on PyPI, no hub access):
+its speed is *quoted* from issue #17 (1.40x slower than this engine per CPU-second, measured side
+by side on a 2-core host in the filer's session), and the ratio is applied to this run's exact
+rate, labelled as derived. Results go to ``reports/benchmarks/perturbation_screen.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import harness
+
+ROOT = harness.ROOT
+GENEFORMER_QUOTED = harness.quoted(
+    {
+        "setup": "Geneformer InSilicoPerturber vs this project's exact engine, delete, cell mode, "
+        "V1-10M shape, same cells and model, same session",
+        "engine_perturbations_per_cpu_s": 23.0,
+        "geneformer_perturbations_per_cpu_s": 16.5,
+        "engine_over_geneformer": 1.40,
+    },
+    source="project issue #17 (filer's session, a 2-core host; this host may differ)",
+)
+V1_10M = {
+    "vocab_size": 25_426,
+    "max_position_embeddings": 2048,
+    "num_hidden_layers": 6,
+    "hidden_size": 256,
+    "num_attention_heads": 4,
+    "intermediate_size": 512,
+    "dropout": 0.02,
+    "attention_dropout": 0.02,
+}
+CONFIRM = (0.01, 0.02, 0.05, 0.1)
+
+
+def _model(seed: int, *, positions: int) -> Any:
+    import torch
+    from transformers import BertModel
+
+    from rosmap_geneformer.geneformer.model import geneformer_bert_config
+
+    torch.manual_seed(seed)
+    config = geneformer_bert_config(**{**V1_10M, "max_position_embeddings": positions})
+    config._attn_implementation = "sdpa"
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+def _synthetic(config: dict[str, Any], *, special: bool) -> dict[str, Any]:
+    """Random rank-ordered cells over a pool of genes; goal cells rank one gene set high."""
+    import numpy as np
+
+    from rosmap_geneformer.analysis.embeddings import cell_embeddings
+
+    rng = np.random.default_rng(config["seed"])
+    pool = rng.choice(np.arange(4, V1_10M["vocab_size"]), size=config["pool"], replace=False)
+    enriched = pool[: config["pool"] // 20]
+
+    def cell(goal: bool) -> np.ndarray:
+        weights = np.ones(pool.size)
+        if goal:
+            weights[: enriched.size] = 20.0
+        genes = rng.choice(pool, size=config["length"], replace=False, p=weights / weights.sum())
+        return np.concatenate([[2], genes, [3]]) if special else genes
+
+    encoder = _model(config["seed"], positions=4096 if special else 2048)
+    import datasets
+
+    centroids = {}
+    for state, goal in (("control", True), ("AD", False)):
+        ids = [cell(goal).tolist() for _ in range(config["state_cells"])]
+        emb = cell_embeddings(
+            None,
+            datasets.Dataset.from_dict({"input_ids": ids}),
+            emb_layer=0,
+            special_tokens=special,
+            encoder=encoder,
+        )
+        centroids[state] = emb.astype(np.float64).mean(axis=0)
+    cells = [cell(False) for _ in range(config["cells"])]
+    layer_index = V1_10M["num_hidden_layers"]
+    return {"encoder": encoder, "cells": cells, "centroids": centroids, "layer": layer_index}
+
+
+def _demo(config: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from rosmap_geneformer import io
+    from rosmap_geneformer.analysis.embeddings import cell_embeddings, load_encoder
+
+    dataset = io.read_dataset(ROOT / "data/processed/tokenized/train.dataset")
+    encoder, bert = load_encoder(ROOT / "models/finetuned/disease", device="cpu")
+    types = np.asarray(dataset["cell_type"], dtype=object)
+    states = np.asarray(dataset["ad_status"], dtype=object)
+    centroids = {}
+    for state in ("control", "AD"):
+        rows = np.flatnonzero((types == "Mic") & (states == state))[:1000]
+        emb = cell_embeddings(None, dataset.select(rows.tolist()), emb_layer=0, encoder=encoder)
+        centroids[state] = emb.astype(np.float64).mean(axis=0)
+    rows = np.flatnonzero((types == "Mic") & (states == "AD"))[: config["cells"]]
+    cells = [np.asarray(c) for c in dataset.select(rows.tolist())["input_ids"]]
+    return {
+        "encoder": encoder,
+        "cells": cells,
+        "centroids": centroids,
+        "layer": bert.num_hidden_layers,
+    }
+
+
+def _scores(exact: Any, table: Any, *, fdr: float = 0.05) -> dict[str, Any]:
+    """Agreement of a per-gene table with the exact one (both ranked by the net shift)."""
+    import math
+
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from rosmap_geneformer.analysis.perturbation.statistics import NET
+
+    key = f"{NET}_mean_shift"
+    n = len(exact)
+    top1 = max(1, math.ceil(n / 100))
+    top50 = min(50, n // 2)
+    exact_order, order = list(exact.index), list(table.index)
+    other = table.loc[exact.index]
+    exact_calls = exact[f"{NET}_fdr"] < fdr
+    calls = other[f"{NET}_fdr"] < fdr
+    return {
+        "genes": n,
+        "top_1pct_genes": top1,
+        "recall_top_1pct": len(set(exact_order[:top1]) & set(order[:top1])) / top1,
+        "recall_top_50": len(set(exact_order[:top50]) & set(order[:top50])) / top50,
+        "spearman_net_shift": float(spearmanr(exact[key], other[key]).statistic),
+        "fdr_calls_exact": int(exact_calls.sum()),
+        "fdr_calls_screen": int(calls.sum()),
+        "fdr_calls_both": int((exact_calls & calls).sum()),
+        "fdr_calls_agree_fraction": float(np.mean(exact_calls.to_numpy() == calls.to_numpy())),
+    }
+
+
+def worker(config: dict[str, Any]) -> dict[str, Any]:
+    """One model: exact and estimated deletions of the same cells, scored and timed."""
+    import numpy as np
+    import torch
+
+    from rosmap_geneformer.analysis.perturbation import estimate, screen, statistics
+    from rosmap_geneformer.analysis.perturbation.engine import EngineStats, perturb_cells
+
+    torch.set_num_threads(config["threads"])
+    if config["model"] == "speed_2048":
+        return speed_worker(config)
+    setup = (
+        _demo(config)
+        if config["model"] == "demo"
+        else _synthetic(config, special=config["model"] == "v2_layout")
+    )
+    special = config["model"] == "v2_layout"
+    encoder, cells, centroids = setup["encoder"], setup["cells"], setup["centroids"]
+    genes = screen.genes_to_perturb(cells, min_cells=config["min_cells"], special_tokens=special)
+    positions = screen.perturbation_positions(
+        cells, genes, perturb_type="delete", special_tokens=special
+    )
+    common = {"layer_index": setup["layer"], "special_tokens": special, "progress": False}
+
+    def table(per_cell: list[tuple[Any, dict[str, Any], Any]]) -> Any:
+        shifts: dict[str, dict[int, list[Any]]] = {}
+        cosines: dict[int, list[Any]] = {}
+        for tokens, by_state, cos in per_cell:
+            for k, token in enumerate(tokens.tolist()):
+                for state, values in by_state.items():
+                    shifts.setdefault(state, {}).setdefault(token, []).append(values[k])
+                cosines.setdefault(token, []).append(cos[k])
+        return statistics.perturbation_table(
+            {s: {t: np.asarray(v) for t, v in d.items()} for s, d in shifts.items()},
+            {t: np.asarray(v) for t, v in cosines.items()},
+            goal_state="control",
+            rank_by="net",
+        )
+
+    def net(shifts: dict[str, Any]) -> dict[str, Any]:
+        return {**shifts, statistics.NET: shifts["control"] - shifts["AD"]}
+
+    cpu0 = time.process_time()
+    engine = EngineStats()
+    exact_cells = {
+        r.cell: (
+            r.tokens,
+            net(statistics.state_shifts(r.perturbed, r.original, centroids)),
+            r.cell_cosines,
+        )
+        for r in perturb_cells(
+            encoder, cells, positions, perturb_type="delete", engine_stats=engine, **common
+        )
+    }
+    exact_cpu = time.process_time() - cpu0
+    per_deletion = exact_cpu / engine.perturbations
+    cpu0 = time.process_time()
+    stats = estimate.EstimateStats()
+    estimated = {
+        e.cell: (e.tokens, net(e.shifts), e.cell_cosines)
+        for e in estimate.estimate_deletions(
+            encoder, cells, positions, centroids, grid=config["grid"], stats=stats, **common
+        )
+    }
+    estimate_cpu = time.process_time() - cpu0
+    order = sorted(exact_cells)
+    exact_table = table([exact_cells[i] for i in order])
+    estimate_table = table([estimated[i] for i in order])
+    ranked = list(estimate_table.index)
+    out: dict[str, Any] = {
+        "model": config["model"],
+        "cells": len(cells),
+        "mean_length": float(np.mean([len(c) for c in cells])),
+        "perturbations": engine.perturbations,
+        "exact": {
+            "cpu_seconds": round(exact_cpu, 2),
+            "perturbations_per_cpu_s": round(engine.perturbations / exact_cpu, 2),
+        },
+        "estimate_only": {
+            "cpu_seconds": round(estimate_cpu, 2),
+            "grid": config["grid"],
+            "exact_grid_perturbations": stats.engine.perturbations,
+            "backward_passes": stats.backward_passes,
+            "gradient_cpu_share": round(stats.gradient_seconds / max(estimate_cpu, 1e-9), 3),
+            **_scores(exact_table, estimate_table),
+        },
+        "confirm": {},
+    }
+    for fraction in CONFIRM:
+        k = min(len(ranked), int(np.ceil(fraction * len(ranked))))
+        chosen = set(ranked[:k]) | set(ranked[-k:])
+        mixed, confirmations = [], 0
+        for i in order:
+            tokens, shifts, cos = estimated[i]
+            _, exact_shifts, exact_cos = exact_cells[i]
+            take = np.isin(tokens, list(chosen))
+            grid_exact = np.zeros(len(tokens), bool)
+            grid_exact[estimate.grid_indices(len(tokens), config["grid"])] = True
+            confirmations += int((take & ~grid_exact).sum())
+            mixed.append(
+                (
+                    tokens,
+                    {s: np.where(take, exact_shifts[s], v) for s, v in shifts.items()},
+                    np.where(take, exact_cos, cos),
+                )
+            )
+        cpu = estimate_cpu + confirmations * per_deletion
+        out["confirm"][str(fraction)] = {
+            "genes_confirmed": len(chosen),
+            "confirmed_perturbations": confirmations,
+            "cpu_seconds_computed": round(cpu, 2),
+            "fewer_cpu_seconds_than_exact": round(exact_cpu / cpu, 1),
+            "fewer_cpu_seconds_than_geneformer_derived": round(
+                exact_cpu * GENEFORMER_QUOTED["figures"]["engine_over_geneformer"] / cpu, 1
+            ),
+            **_scores(exact_table, table(mixed)),
+        }
+    # The stage's own code path at the default setting, timed.
+    cpu0 = time.process_time()
+    result = screen.run_state_perturbation(
+        encoder,
+        cells,
+        genes,
+        centroids,
+        goal_state="control",
+        start_state="AD",
+        rank_by="net",
+        perturb_type="delete",
+        screen=screen.ScreenSettings(method="estimate", grid=config["grid"], confirm=0.05),
+        **{k: v for k, v in common.items()},
+    )
+    stage_cpu = time.process_time() - cpu0
+    out["stage_confirm_0.05"] = {
+        "cpu_seconds": round(stage_cpu, 2),
+        "fewer_cpu_seconds_than_exact": round(exact_cpu / stage_cpu, 1),
+        **{k: v for k, v in result.screen.items() if k != "forward_passes"},
+        **_scores(exact_table, result.table),
+    }
+    return out
+
+
+def speed_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """One 2,048-token cell, V1-10M shape: exact CPU-seconds per deletion (on a sample) and the
+    whole estimate."""
+    import numpy as np
+
+    from rosmap_geneformer.analysis.perturbation import estimate
+    from rosmap_geneformer.analysis.perturbation.engine import EngineStats, perturb_cells
+
+    encoder = _model(config["seed"], positions=2048)
+    rng = np.random.default_rng(config["seed"])
+    ids = rng.choice(np.arange(4, V1_10M["vocab_size"]), size=2048, replace=False)
+    centroids = {s: rng.normal(size=V1_10M["hidden_size"]) for s in ("control", "AD")}
+    common = {
+        "layer_index": V1_10M["num_hidden_layers"] - 1,
+        "special_tokens": False,
+        "progress": False,
+    }
+    sample = np.linspace(0, 2047, config["sample"]).astype(np.int64)
+    list(perturb_cells(encoder, [ids], [sample[:4]], perturb_type="delete", **common))  # warm-up
+    engine = EngineStats()
+    cpu0 = time.process_time()
+    list(
+        perturb_cells(
+            encoder, [ids], [sample], perturb_type="delete", engine_stats=engine, **common
+        )
+    )
+    per_deletion = (time.process_time() - cpu0) / engine.perturbations
+    stats = estimate.EstimateStats()
+    cpu0 = time.process_time()
+    list(
+        estimate.estimate_deletions(
+            encoder, [ids], [np.arange(2048)], centroids, grid=config["grid"], stats=stats, **common
+        )
+    )
+    estimate_cpu = time.process_time() - cpu0
+    exact_cell = per_deletion * 2048
+    out = {
+        "length": 2048,
+        "exact_cpu_s_per_deletion": round(per_deletion, 4),
+        "exact_sampled_deletions": engine.perturbations,
+        "exact_cpu_s_per_cell_extrapolated": round(exact_cell, 1),
+        "geneformer_cpu_s_per_cell_derived": round(
+            exact_cell * GENEFORMER_QUOTED["figures"]["engine_over_geneformer"], 1
+        ),
+        "estimate_cpu_s_per_cell": round(estimate_cpu, 2),
+        "gradient_cpu_s": round(stats.gradient_seconds, 2),
+        "by_confirm": {},
+    }
+    for fraction in CONFIRM:
+        confirmed = 2 * int(np.ceil(fraction * 2048))
+        cpu = estimate_cpu + confirmed * per_deletion
+        out["by_confirm"][str(fraction)] = {
+            "cpu_s_per_cell": round(cpu, 1),
+            "fewer_than_exact": round(exact_cell / cpu, 1),
+            "fewer_than_geneformer_derived": round(
+                out["geneformer_cpu_s_per_cell_derived"] / cpu, 1
+            ),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every model in its own process and write the report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--cells", type=int, default=10, help="cells per synthetic model")
+    parser.add_argument("--length", type=int, default=512, help="genes per synthetic cell")
+    parser.add_argument("--sample", type=int, default=128, help="exact deletions at 2,048")
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument(
+        "--output", type=Path, default=ROOT / "reports/benchmarks/perturbation_screen.json"
+    )
+    harness.worker_arguments(parser)
+    args = parser.parse_args(argv)
+    if harness.serve_worker(args, worker):
+        return
+    common = {"threads": args.threads, "seed": args.seed, "grid": args.grid}
+    synthetic = {
+        "cells": args.cells,
+        "length": args.length,
+        "pool": 1000,
+        "state_cells": 20,
+        "min_cells": 3,
+    }
+    plan = {
+        "demo": {"model": "demo", "cells": 50, "min_cells": 10},
+        "v1_10m": {"model": "v1_10m", **synthetic},
+        "v2_layout": {"model": "v2_layout", **synthetic},
+        "speed_2048": {"model": "speed_2048", "sample": args.sample},
+    }
+    if not (ROOT / "models/finetuned/disease").is_dir():
+        plan.pop("demo")
+    if args.only:
+        plan = {k: v for k, v in plan.items() if k in args.only}
+    report = harness.start_report(
+        "perturbation_screen",
+        torch=True,
+        settings={**common, "plan": plan},
+        geneformer=GENEFORMER_QUOTED,
+    )
+    results = {}
+    for name, config in plan.items():
+        results[name] = harness.run_worker(
+            __file__, {**config, **common}, wait_quiet_s=args.wait_quiet
+        )
+        print(
+            json.dumps({name: {k: v for k, v in results[name].items() if k != "process"}}, indent=1)
+        )
+    report["results"] = results
+    harness.finish_report(report, args.output)
+
+
+if __name__ == "__main__":
+    main()
