@@ -35,6 +35,13 @@ from rosmap_geneformer.params import check_known_keys, check_names, names_warnin
 
 logger = logging.getLogger(__name__)
 
+# Why perturb.screen's estimate is not used here (written to the report).
+GRN_SCREEN = (
+    "exact: grn deletes only the regulators (one forward pass per regulator and cell, one more "
+    "for its position-matched control) and reads gene embeddings, whose cosine shift has no "
+    "first-order term; the estimate of perturb.screen covers shifts of the cell embedding only"
+)
+
 
 # --------------------------------------------------------------------------------------------
 # The grn stage
@@ -384,6 +391,7 @@ def grn_dataset(
     summary["engine"] = {
         "perturbations": engine.perturbations,
         "forward_passes": engine.forward_passes,
+        "screen": GRN_SCREEN,
     }
     # Wall time goes to the log only: cached outputs must not change from run to run.
     logger.info(
