@@ -36,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/tokenizer.py
 	$(PY) benchmarks/training_padding.py
 	$(PY) benchmarks/perturbation.py
+	$(PY) benchmarks/perturbation_screen.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

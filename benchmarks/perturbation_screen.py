@@ -14,10 +14,11 @@ code (``run_state_perturbation``) and timed.
 
 Models: ``demo`` (``models/finetuned/disease`` and its AD Mic cells, state centroids as the
 perturb stage; needs the demo), ``v1_10m`` (Geneformer-V1-10M's shape, random seeded weights,
-cells of 512 tokens) and ``v2_layout`` (V2's layout: ``<cls>``/``<eos>``, 4,096 positions, the
+random cells) and ``v2_layout`` (V2's layout: ``<cls>``/``<eos>``, 4,096 positions, the
 ``<cls>`` vector read; V1-10M-sized layers: an exact all-genes run of V2-104M is out of reach on
-two cores). Random weights have no order along the position, which the estimate interpolates
-along: they are its hard case. Speed at Geneformer's length: one cell of 2,048 tokens on the
+two cores); the synthetic cells are 24 of 256 genes drawn from a pool of 400, so that every gene
+is deleted in several cells and the rank-sum tests have power. Random weights have no order
+along the position, which the estimate interpolates along: they are its hard case. Speed at Geneformer's length: one cell of 2,048 tokens on the
 V1-10M shape, the estimate measured whole and the exact rate measured on ``--sample`` deletions.
 
 Geneformer's own ``InSilicoPerturber`` cannot be installed here (not on PyPI, no hub access):
@@ -371,8 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=int, default=16)
-    parser.add_argument("--cells", type=int, default=10, help="cells per synthetic model")
-    parser.add_argument("--length", type=int, default=512, help="genes per synthetic cell")
+    parser.add_argument("--cells", type=int, default=24, help="cells per synthetic model")
+    parser.add_argument("--length", type=int, default=256, help="genes per synthetic cell")
     parser.add_argument("--sample", type=int, default=128, help="exact deletions at 2,048")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument(
