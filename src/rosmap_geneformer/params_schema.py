@@ -377,6 +377,7 @@ class PerturbScreen(Section):
     method: Literal["exact", "estimate"] = "exact"
     grid: int = Field(16, ge=2)
     confirm: float = Field(0.05, gt=0, le=0.5)
+    confirm_fdr: float = Field(0.25, ge=0, le=1)
 
 
 class Perturb(Section):

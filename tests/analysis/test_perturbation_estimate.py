@@ -239,3 +239,7 @@ def test_screen_settings_name_the_key_and_the_fix():
         ScreenSettings.from_params({"confirm": 0.9})
     with pytest.raises(ValueError, match="unknown keys"):
         ScreenSettings.from_params({"top": 3})
+    with pytest.raises(
+        InputError, match=r"perturb.screen.confirm_fdr=1.5: use a value in \[0, 1\]"
+    ):
+        ScreenSettings.from_params({"confirm_fdr": 1.5})

@@ -40,6 +40,7 @@ from rosmap_geneformer.analysis.perturbation.statistics import (
     NET,
     RANK_BY,
     perturbation_table,
+    pooled_null,
     state_shifts,
 )
 from rosmap_geneformer.errors import InputError
@@ -91,11 +92,15 @@ class ScreenSettings:
         Exact deletions per cell for the estimate.
     confirm
         Fraction of the genes, at each end of the estimated ranking, run exactly afterwards.
+    confirm_fdr
+        Genes whose FDR on the estimates is below this are run exactly too, so that the calls
+        rest on exact shifts (0: none).
     """
 
     method: str = "exact"
     grid: int = DEFAULT_GRID
     confirm: float = 0.05
+    confirm_fdr: float = 0.25
 
     @classmethod
     def from_params(cls, values: Mapping[str, Any] | None) -> ScreenSettings:
@@ -117,6 +122,12 @@ class ScreenSettings:
             raise InputError(msg)
         if settings.grid < 2:
             msg = f"params.yaml perturb.screen.grid={settings.grid}: use at least 2."
+            raise InputError(msg)
+        if not 0 <= settings.confirm_fdr <= 1:
+            msg = (
+                f"params.yaml perturb.screen.confirm_fdr={settings.confirm_fdr}: use a value in "
+                "[0, 1] (0: confirm the ends of the ranking only)."
+            )
             raise InputError(msg)
         return settings
 
@@ -233,6 +244,7 @@ def run_state_perturbation(
         "precision": precision,
         "progress": progress,
     }
+    tests = {"goal_state": goal_state, "rank_by": rank_by, "null_size": null_size, "seed": seed}
     engine = EngineStats()
     report: dict[str, Any] = {"method": "exact"}
     if screen.method == "estimate" and perturb_type == "delete":
@@ -242,10 +254,10 @@ def run_state_perturbation(
             positions,
             centroids,
             net=net,
-            key=goal_state if rank_by == "goal" else NET,
             screen=screen,
             engine=engine,
             run=run,
+            tests=tests,
         )
     else:
         if screen.method == "estimate":
@@ -256,6 +268,25 @@ def run_state_perturbation(
                 encoder, cells, positions, perturb_type=perturb_type, engine_stats=engine, **run
             )
         ]
+    table = _per_gene_table(per_cell, **tests, nulls=report.pop("nulls", None))
+    if "confirmed_genes" in report:
+        table["confirmed"] = table.index.isin(report.pop("confirmed_genes"))
+    return PerturbationResult(table=table, engine=engine, screen=report)
+
+
+Measured = tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]
+
+
+def _per_gene_table(
+    per_cell: Sequence[Measured],
+    *,
+    goal_state: str,
+    rank_by: str,
+    null_size: int,
+    seed: int,
+    nulls: Mapping[str, np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """The ranked per-gene table of per-cell results (values in the order of ``per_cell``)."""
     per_state: dict[str, dict[int, list[np.ndarray]]] = {}
     cos_original: dict[int, list[np.ndarray]] = {}
     for tokens, shifts, cosines in per_cell:
@@ -267,20 +298,15 @@ def run_state_perturbation(
         state: {t: np.concatenate(v) for t, v in values.items()}
         for state, values in per_state.items()
     }
-    table = perturbation_table(
+    return perturbation_table(
         collected,
         {t: np.concatenate(v) for t, v in cos_original.items()},
         goal_state=goal_state,
         rank_by=rank_by,
         null_size=null_size,
         seed=seed,
+        nulls=nulls,
     )
-    if "confirmed_genes" in report:
-        table["confirmed"] = table.index.isin(report.pop("confirmed_genes"))
-    return PerturbationResult(table=table, engine=engine, screen=report)
-
-
-Measured = tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]
 
 
 def _with_net(shifts: dict[str, np.ndarray], net: tuple[str, str] | None) -> dict[str, np.ndarray]:
@@ -304,12 +330,13 @@ def _estimate_then_confirm(
     centroids: Mapping[str, np.ndarray],
     *,
     net: tuple[str, str] | None,
-    key: str,
     screen: ScreenSettings,
     engine: EngineStats,
     run: dict[str, Any],
+    tests: dict[str, Any],
 ) -> tuple[list[Measured], dict[str, Any]]:
-    """Estimate every deletion, then run the genes at both ends of the estimated ranking exactly.
+    """Estimate every deletion, then run exactly the genes at both ends of the estimated ranking
+    and those whose estimated FDR is below ``screen.confirm_fdr``.
 
     Returns the per-cell results (longest cell first, as the exact engine) and the screen report
     (with ``confirmed_genes``, the tokens run exactly in every cell).
@@ -321,13 +348,30 @@ def _estimate_then_confirm(
         )
     )
     per_cell = [(e.tokens, _with_net(dict(e.shifts), net), e.cell_cosines) for e in estimated]
-    means: dict[int, list[float]] = {}
-    for tokens, shifts, _ in per_cell:
-        for token, value in zip(tokens.tolist(), shifts[key].tolist(), strict=True):
-            means.setdefault(token, []).append(value)
-    ranked = sorted(means, key=lambda t: (-float(np.mean(means[t])), t))
+    # The null of the tests: the exact grid deletions, a sample of every cell spread over its
+    # positions (estimates would widen or narrow it).
+    nulls = (
+        {
+            state: pooled_null(
+                {
+                    e.cell: shifts[state][e.exact]
+                    for e, (_, shifts, _) in zip(estimated, per_cell, strict=True)
+                },
+                size=tests["null_size"],
+                seed=tests["seed"],
+            )
+            for state in per_cell[0][1]
+        }
+        if per_cell
+        else {}
+    )
+    estimated_table = _per_gene_table(per_cell, **tests, nulls=nulls)
+    ranked = estimated_table.index.tolist()  # by the ranking column, largest first
     n_confirm = min(len(ranked), int(np.ceil(screen.confirm * len(ranked))))
-    confirmed = np.array(sorted(set(ranked[:n_confirm]) | set(ranked[-n_confirm:])), np.int64)
+    fdr_column = "fdr" if tests["rank_by"] == "goal" else f"{NET}_fdr"
+    maybe_called = estimated_table.index[estimated_table[fdr_column] < screen.confirm_fdr]
+    ends = set(ranked[:n_confirm]) | set(ranked[-n_confirm:])
+    confirmed = np.array(sorted(ends | set(maybe_called.tolist())), np.int64)
     where = {e.cell: k for k, e in enumerate(estimated)}
     todo = [np.zeros(0, np.int64)] * len(cells)
     rows = {}
@@ -339,7 +383,7 @@ def _estimate_then_confirm(
     for result in perturb_cells(
         encoder, cells, todo, perturb_type="delete", engine_stats=engine, **run
     ):
-        tokens, shifts, cosines = per_cell[where[result.cell]]
+        _, shifts, cosines = per_cell[where[result.cell]]
         _, exact, exact_cosines = _measured(result, centroids, net)
         for state, values in exact.items():
             shifts[state][rows[result.cell]] = values
@@ -366,8 +410,12 @@ def _estimate_then_confirm(
             "confirmation": engine.forward_passes - grid_passes,
         },
         "backward_passes": stats.backward_passes,
+        "confirm_fdr": screen.confirm_fdr,
         "genes_confirmed": int(confirmed.size),
+        "genes_confirmed_for_their_estimated_fdr": len(set(maybe_called.tolist()) - ends),
+        "null": "exact grid deletions",
         "confirmed_genes": confirmed,
+        "nulls": nulls,
     }
     return per_cell, report
 

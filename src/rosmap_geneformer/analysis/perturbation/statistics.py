@@ -138,6 +138,7 @@ def perturbation_table(
     rank_by: str = "goal",
     null_size: int = DEFAULT_NULL_SIZE,
     seed: int = 0,
+    nulls: Mapping[str, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """Ranked per-gene table from per-cell shifts.
 
@@ -154,6 +155,9 @@ def perturbation_table(
         ``"net"``: by the mean net shift (``shifts["net"]``, goal minus start).
     null_size, seed
         Pooled null (one per state, same seed).
+    nulls
+        State -> null sample to test against instead of the pooled shifts (the deletion
+        screen's exact grid deletions).
 
     Returns
     -------
@@ -167,12 +171,17 @@ def perturbation_table(
     if rank_by == "net" and NET not in shifts:
         msg = "rank_by='net' needs the start state's centroid (the net shift)."
         raise InputError(msg)
-    goal = shift_statistics(shifts[goal_state], null_size=null_size, seed=seed)
+    nulls = nulls or {}
+    goal = shift_statistics(
+        shifts[goal_state], null=nulls.get(goal_state), null_size=null_size, seed=seed
+    )
     table = goal.copy()
     for state in sorted(s for s in shifts if s not in (goal_state, NET)) + (
         [NET] if NET in shifts else []
     ):
-        other = shift_statistics(shifts[state], null_size=null_size, seed=seed)
+        other = shift_statistics(
+            shifts[state], null=nulls.get(state), null_size=null_size, seed=seed
+        )
         table[f"{state}_mean_shift"] = other["mean_shift"]
         table[f"{state}_p"] = other["p"]
         table[f"{state}_fdr"] = other["fdr"]
