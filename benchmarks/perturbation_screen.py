@@ -1,16 +1,14 @@
 """The deletion screen against the exact run (not a test): ``python benchmarks/perturbation_screen.py``.
 
-For each model, the same cells and genes are deleted exactly (the project's engine, every gene a
-forward pass) and estimated (``perturb.screen.method: estimate``: a grid of exact deletions per
-cell plus one backward pass per state, :mod:`rosmap_geneformer.analysis.perturbation.estimate`),
-both timed in CPU-seconds in the same process, one after the other. From the two, for each
-``confirm`` fraction, the table the stage would write (genes at both ends of the estimated
-ranking replaced by their exact values) is scored against the exact table: recall of the exact
-top 1% and top 50 genes (by the net shift, the stage's ranking), Spearman of the per-gene net
-shift, and the FDR calls (BH < 0.05 on the net shift). The cost of a ``confirm`` setting is the
-measured estimate plus its confirmed deletions at the exact run's measured CPU-seconds per
-deletion (computed, not a separate run); ``confirm: 0.05`` is also run through the stage's own
-code (``run_state_perturbation``) and timed.
+For each model, the same cells and genes go through the perturb stage's own code
+(``run_state_perturbation``) once exactly (every deletion a forward pass) and once per
+``confirm`` fraction with ``perturb.screen.method: estimate`` (a grid of exact deletions per cell
+plus one backward pass per state, :mod:`rosmap_geneformer.analysis.perturbation.estimate`; then
+the genes at both ends of the estimated ranking, and those with an estimated FDR below
+``--confirm-fdr``, run exactly), each timed in CPU-seconds in the same process. Each screen's
+table is scored against the exact one: recall of the exact top 1% and top 50 genes (by the net
+shift, the stage's ranking), Spearman of the per-gene net shift, and the FDR calls (BH < 0.05 on
+the net shift).
 
 Models: ``demo`` (``models/finetuned/disease`` and its AD Mic cells, state centroids as the
 perturb stage; needs the demo), ``v1_10m`` (Geneformer-V1-10M's shape, random seeded weights,
@@ -165,143 +163,66 @@ def _scores(exact: Any, table: Any, *, fdr: float = 0.05) -> dict[str, Any]:
 
 
 def worker(config: dict[str, Any]) -> dict[str, Any]:
-    """One model: exact and estimated deletions of the same cells, scored and timed."""
+    """One model: the stage's exact run and its screen at each ``confirm``, scored and timed."""
     import numpy as np
     import torch
 
-    from rosmap_geneformer.analysis.perturbation import estimate, screen, statistics
-    from rosmap_geneformer.analysis.perturbation.engine import EngineStats, perturb_cells
+    from rosmap_geneformer.analysis.perturbation import screen
 
     torch.set_num_threads(config["threads"])
     if config["model"] == "speed_2048":
         return speed_worker(config)
-    setup = (
-        _demo(config)
-        if config["model"] == "demo"
-        else _synthetic(config, special=config["model"] == "v2_layout")
-    )
     special = config["model"] == "v2_layout"
+    setup = _demo(config) if config["model"] == "demo" else _synthetic(config, special=special)
     encoder, cells, centroids = setup["encoder"], setup["cells"], setup["centroids"]
     genes = screen.genes_to_perturb(cells, min_cells=config["min_cells"], special_tokens=special)
-    positions = screen.perturbation_positions(
-        cells, genes, perturb_type="delete", special_tokens=special
-    )
-    common = {"layer_index": setup["layer"], "special_tokens": special, "progress": False}
 
-    def table(per_cell: list[tuple[Any, dict[str, Any], Any]]) -> Any:
-        shifts: dict[str, dict[int, list[Any]]] = {}
-        cosines: dict[int, list[Any]] = {}
-        for tokens, by_state, cos in per_cell:
-            for k, token in enumerate(tokens.tolist()):
-                for state, values in by_state.items():
-                    shifts.setdefault(state, {}).setdefault(token, []).append(values[k])
-                cosines.setdefault(token, []).append(cos[k])
-        return statistics.perturbation_table(
-            {s: {t: np.asarray(v) for t, v in d.items()} for s, d in shifts.items()},
-            {t: np.asarray(v) for t, v in cosines.items()},
+    def run(settings: Any) -> tuple[Any, float]:
+        cpu0 = time.process_time()
+        result = screen.run_state_perturbation(
+            encoder,
+            cells,
+            genes,
+            centroids,
             goal_state="control",
+            start_state="AD",
             rank_by="net",
+            perturb_type="delete",
+            layer_index=setup["layer"],
+            special_tokens=special,
+            progress=False,
+            screen=settings,
         )
+        return result, time.process_time() - cpu0
 
-    def net(shifts: dict[str, Any]) -> dict[str, Any]:
-        return {**shifts, statistics.NET: shifts["control"] - shifts["AD"]}
-
-    cpu0 = time.process_time()
-    engine = EngineStats()
-    exact_cells = {
-        r.cell: (
-            r.tokens,
-            net(statistics.state_shifts(r.perturbed, r.original, centroids)),
-            r.cell_cosines,
-        )
-        for r in perturb_cells(
-            encoder, cells, positions, perturb_type="delete", engine_stats=engine, **common
-        )
-    }
-    exact_cpu = time.process_time() - cpu0
-    per_deletion = exact_cpu / engine.perturbations
-    cpu0 = time.process_time()
-    stats = estimate.EstimateStats()
-    estimated = {
-        e.cell: (e.tokens, net(e.shifts), e.cell_cosines)
-        for e in estimate.estimate_deletions(
-            encoder, cells, positions, centroids, grid=config["grid"], stats=stats, **common
-        )
-    }
-    estimate_cpu = time.process_time() - cpu0
-    order = sorted(exact_cells)
-    exact_table = table([exact_cells[i] for i in order])
-    estimate_table = table([estimated[i] for i in order])
-    ranked = list(estimate_table.index)
+    exact, exact_cpu = run(screen.ScreenSettings())
     out: dict[str, Any] = {
         "model": config["model"],
         "cells": len(cells),
         "mean_length": float(np.mean([len(c) for c in cells])),
-        "perturbations": engine.perturbations,
+        "perturbations": exact.engine.perturbations,
         "exact": {
             "cpu_seconds": round(exact_cpu, 2),
-            "perturbations_per_cpu_s": round(engine.perturbations / exact_cpu, 2),
+            "perturbations_per_cpu_s": round(exact.engine.perturbations / exact_cpu, 2),
         },
-        "estimate_only": {
-            "cpu_seconds": round(estimate_cpu, 2),
-            "grid": config["grid"],
-            "exact_grid_perturbations": stats.engine.perturbations,
-            "backward_passes": stats.backward_passes,
-            "gradient_cpu_share": round(stats.gradient_seconds / max(estimate_cpu, 1e-9), 3),
-            **_scores(exact_table, estimate_table),
-        },
-        "confirm": {},
+        "screen": {},
     }
+    quoted = GENEFORMER_QUOTED["figures"]["engine_over_geneformer"]
     for fraction in CONFIRM:
-        k = min(len(ranked), int(np.ceil(fraction * len(ranked))))
-        chosen = set(ranked[:k]) | set(ranked[-k:])
-        mixed, confirmations = [], 0
-        for i in order:
-            tokens, shifts, cos = estimated[i]
-            _, exact_shifts, exact_cos = exact_cells[i]
-            take = np.isin(tokens, list(chosen))
-            grid_exact = np.zeros(len(tokens), bool)
-            grid_exact[estimate.grid_indices(len(tokens), config["grid"])] = True
-            confirmations += int((take & ~grid_exact).sum())
-            mixed.append(
-                (
-                    tokens,
-                    {s: np.where(take, exact_shifts[s], v) for s, v in shifts.items()},
-                    np.where(take, exact_cos, cos),
-                )
-            )
-        cpu = estimate_cpu + confirmations * per_deletion
-        out["confirm"][str(fraction)] = {
-            "genes_confirmed": len(chosen),
-            "confirmed_perturbations": confirmations,
-            "cpu_seconds_computed": round(cpu, 2),
+        settings = screen.ScreenSettings(
+            method="estimate",
+            grid=config["grid"],
+            confirm=fraction,
+            confirm_fdr=config["confirm_fdr"],
+        )
+        result, cpu = run(settings)
+        out["screen"][str(fraction)] = {
+            "cpu_seconds": round(cpu, 2),
             "fewer_cpu_seconds_than_exact": round(exact_cpu / cpu, 1),
-            "fewer_cpu_seconds_than_geneformer_derived": round(
-                exact_cpu * GENEFORMER_QUOTED["figures"]["engine_over_geneformer"] / cpu, 1
-            ),
-            **_scores(exact_table, table(mixed)),
+            "fewer_cpu_seconds_than_geneformer_derived": round(exact_cpu * quoted / cpu, 1),
+            **result.screen,
+            **_scores(exact.table, result.table),
         }
-    # The stage's own code path at the default setting, timed.
-    cpu0 = time.process_time()
-    result = screen.run_state_perturbation(
-        encoder,
-        cells,
-        genes,
-        centroids,
-        goal_state="control",
-        start_state="AD",
-        rank_by="net",
-        perturb_type="delete",
-        screen=screen.ScreenSettings(method="estimate", grid=config["grid"], confirm=0.05),
-        **{k: v for k, v in common.items()},
-    )
-    stage_cpu = time.process_time() - cpu0
-    out["stage_confirm_0.05"] = {
-        "cpu_seconds": round(stage_cpu, 2),
-        "fewer_cpu_seconds_than_exact": round(exact_cpu / stage_cpu, 1),
-        **{k: v for k, v in result.screen.items() if k != "forward_passes"},
-        **_scores(exact_table, result.table),
-    }
     return out
 
 
@@ -372,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--confirm-fdr", type=float, default=0.25)
     parser.add_argument("--cells", type=int, default=24, help="cells per synthetic model")
     parser.add_argument("--length", type=int, default=256, help="genes per synthetic cell")
     parser.add_argument("--sample", type=int, default=128, help="exact deletions at 2,048")
@@ -383,7 +305,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if harness.serve_worker(args, worker):
         return
-    common = {"threads": args.threads, "seed": args.seed, "grid": args.grid}
+    common = {
+        "threads": args.threads,
+        "seed": args.seed,
+        "grid": args.grid,
+        "confirm_fdr": args.confirm_fdr,
+    }
     synthetic = {
         "cells": args.cells,
         "length": args.length,
