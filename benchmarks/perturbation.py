@@ -103,13 +103,16 @@ def _library() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
 # Worker (one configuration per process)
 
 
-def _model(seed: int) -> Any:
-    """A randomly initialised (seeded) V1-10M-shaped encoder with SDPA attention."""
+def v1_10m_encoder(seed: int, *, positions: int = V1_10M["max_position_embeddings"]) -> Any:
+    """A randomly initialised (seeded) V1-10M-shaped encoder with SDPA attention (``positions``:
+    4,096 for V2's layout)."""
     import torch
     from transformers import BertModel
 
     torch.manual_seed(seed)
-    config = _library()[3].geneformer_bert_config(**V1_10M)
+    config = _library()[3].geneformer_bert_config(
+        **{**V1_10M, "max_position_embeddings": positions}
+    )
     config._attn_implementation = "sdpa"
     return BertModel(config, add_pooling_layer=False).eval()
 
@@ -249,7 +252,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(config["threads"])
     if config["method"] in ("gemm", "demo"):
         return (gemm_worker if config["method"] == "gemm" else demo_worker)(config)
-    encoder = _model(config["seed"])
+    encoder = v1_10m_encoder(config["seed"])
     layer_index = V1_10M["num_hidden_layers"] - 1  # emb_layer=-1
     rng = np.random.default_rng(config["seed"])
     ids = rng.choice(np.arange(2, V1_10M["vocab_size"]), size=config["length"], replace=False)

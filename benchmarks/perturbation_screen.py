@@ -34,41 +34,14 @@ from pathlib import Path
 from typing import Any
 
 import harness
+import perturbation as exact_benchmark
 
 ROOT = harness.ROOT
-GENEFORMER_QUOTED = harness.quoted(
-    {
-        "setup": "Geneformer InSilicoPerturber vs this project's exact engine, delete, cell mode, "
-        "V1-10M shape, same cells and model, same session",
-        "engine_perturbations_per_cpu_s": 23.0,
-        "geneformer_perturbations_per_cpu_s": 16.5,
-        "engine_over_geneformer": 1.40,
-    },
-    source="project issue #17 (filer's session, a 2-core host; this host may differ)",
-)
-V1_10M = {
-    "vocab_size": 25_426,
-    "max_position_embeddings": 2048,
-    "num_hidden_layers": 6,
-    "hidden_size": 256,
-    "num_attention_heads": 4,
-    "intermediate_size": 512,
-    "dropout": 0.02,
-    "attention_dropout": 0.02,
-}
+# Issue #17's side-by-side figures, and the V1-10M shape, as benchmarks/perturbation.py has them.
+GENEFORMER_QUOTED = exact_benchmark.GENEFORMER_QUOTED["issue_17"]
+ENGINE_OVER_GENEFORMER = GENEFORMER_QUOTED["figures"]["engine_over_geneformer"]["delete"]
+V1_10M = exact_benchmark.V1_10M
 CONFIRM = (0.01, 0.02, 0.05, 0.1)
-
-
-def _model(seed: int, *, positions: int) -> Any:
-    import torch
-    from transformers import BertModel
-
-    from rosmap_geneformer.geneformer.model import geneformer_bert_config
-
-    torch.manual_seed(seed)
-    config = geneformer_bert_config(**{**V1_10M, "max_position_embeddings": positions})
-    config._attn_implementation = "sdpa"
-    return BertModel(config, add_pooling_layer=False).eval()
 
 
 def _synthetic(config: dict[str, Any], *, special: bool) -> dict[str, Any]:
@@ -88,7 +61,7 @@ def _synthetic(config: dict[str, Any], *, special: bool) -> dict[str, Any]:
         genes = rng.choice(pool, size=config["length"], replace=False, p=weights / weights.sum())
         return np.concatenate([[2], genes, [3]]) if special else genes
 
-    encoder = _model(config["seed"], positions=4096 if special else 2048)
+    encoder = exact_benchmark.v1_10m_encoder(config["seed"], positions=4096 if special else 2048)
     import datasets
 
     centroids = {}
@@ -207,7 +180,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
         },
         "screen": {},
     }
-    quoted = GENEFORMER_QUOTED["figures"]["engine_over_geneformer"]
+    quoted = ENGINE_OVER_GENEFORMER
     for fraction in CONFIRM:
         settings = screen.ScreenSettings(
             method="estimate",
@@ -234,7 +207,7 @@ def speed_worker(config: dict[str, Any]) -> dict[str, Any]:
     from rosmap_geneformer.analysis.perturbation import estimate
     from rosmap_geneformer.analysis.perturbation.engine import EngineStats, perturb_cells
 
-    encoder = _model(config["seed"], positions=2048)
+    encoder = exact_benchmark.v1_10m_encoder(config["seed"])
     rng = np.random.default_rng(config["seed"])
     ids = rng.choice(np.arange(4, V1_10M["vocab_size"]), size=2048, replace=False)
     centroids = {s: rng.normal(size=V1_10M["hidden_size"]) for s in ("control", "AD")}
@@ -267,9 +240,7 @@ def speed_worker(config: dict[str, Any]) -> dict[str, Any]:
         "exact_cpu_s_per_deletion": round(per_deletion, 4),
         "exact_sampled_deletions": engine.perturbations,
         "exact_cpu_s_per_cell_extrapolated": round(exact_cell, 1),
-        "geneformer_cpu_s_per_cell_derived": round(
-            exact_cell * GENEFORMER_QUOTED["figures"]["engine_over_geneformer"], 1
-        ),
+        "geneformer_cpu_s_per_cell_derived": round(exact_cell * ENGINE_OVER_GENEFORMER, 1),
         "estimate_cpu_s_per_cell": round(estimate_cpu, 2),
         "gradient_cpu_s": round(stats.gradient_seconds, 2),
         "by_confirm": {},

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -165,6 +166,18 @@ def planted_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def planted_model_and_annotation(root: Path) -> tuple[Any, pd.DataFrame]:
+    """The planted project's fine-tuned encoder and its token annotation, in process."""
+    encoder, _ = embeddings.load_encoder(root / "finetuned" / "disease", device="cpu")
+    with (root / "dict" / "token_dictionary.pkl").open("rb") as fh:
+        token_dictionary = pickle.load(fh)
+    annotation = screen.token_annotation(
+        token_dictionary,
+        {gene_id(t): f"AD{t}" if t in AD_TOKENS else f"G{t}" for t in range(2, VOCAB)},
+    )
+    return encoder, annotation
+
+
 def test_planted_ad_genes_rank_first_in_the_perturb_stage(planted_project):
     root = planted_project
     proc = run_stage(root / "params.yaml")
@@ -190,13 +203,7 @@ def test_planted_ad_genes_rank_first_in_the_perturb_stage(planted_project):
     assert summary["genes"]["perturbed"] == len(table)
     assert (out / "delete_top_genes.png").stat().st_size > 0
     # Same inputs, same numbers (in process, to keep the test short).
-    encoder, _ = embeddings.load_encoder(root / "finetuned" / "disease", device="cpu")
-    with (root / "dict" / "token_dictionary.pkl").open("rb") as fh:
-        token_dictionary = pickle.load(fh)
-    annotation = screen.token_annotation(
-        token_dictionary,
-        {gene_id(t): f"AD{t}" if t in AD_TOKENS else f"G{t}" for t in range(2, VOCAB)},
-    )
+    encoder, annotation = planted_model_and_annotation(root)
     settings = screen.PerturbSettings.from_params(
         {**yaml.safe_load((root / "params.yaml").read_text())["perturb"], "types": ["delete"]}
     )
@@ -223,13 +230,7 @@ def test_perturb_settings_reject_unknown_keys_and_test_split():
 
 def test_the_estimate_screen_finds_the_planted_genes_and_confirms_them_exactly(planted_project):
     root = planted_project
-    encoder, _ = embeddings.load_encoder(root / "finetuned" / "disease", device="cpu")
-    with (root / "dict" / "token_dictionary.pkl").open("rb") as fh:
-        token_dictionary = pickle.load(fh)
-    annotation = screen.token_annotation(
-        token_dictionary,
-        {gene_id(t): f"AD{t}" if t in AD_TOKENS else f"G{t}" for t in range(2, VOCAB)},
-    )
+    encoder, annotation = planted_model_and_annotation(root)
     values = yaml.safe_load((root / "params.yaml").read_text())["perturb"]
     dataset = datasets.load_from_disk(str(root / "tok" / "train.dataset"))
     tables, summaries = {}, {}
