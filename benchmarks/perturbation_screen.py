@@ -10,8 +10,8 @@ table is scored against the exact one: recall of the exact top 1% and top 50 gen
 shift, the stage's ranking), Spearman of the per-gene net shift, and the FDR calls (BH < 0.05 on
 the net shift).
 
-Models: ``demo`` (``models/finetuned/disease`` and its AD Mic cells, state centroids as the
-perturb stage; needs the demo), ``v1_10m`` (Geneformer-V1-10M's shape, random seeded weights,
+Models: ``demo_<cell type>`` (``models/finetuned/disease`` and its AD cells of Mic, Ast and Exc,
+state centroids of that type as the perturb stage; needs the demo), ``v1_10m`` (Geneformer-V1-10M's shape, random seeded weights,
 random cells) and ``v2_layout`` (V2's layout: ``<cls>``/``<eos>``, 4,096 positions, the
 ``<cls>`` vector read; V1-10M-sized layers: an exact all-genes run of V2-104M is out of reach on
 two cores); the synthetic cells are 24 of 256 genes drawn from a pool of 400, so that every gene
@@ -92,10 +92,10 @@ def _demo(config: dict[str, Any]) -> dict[str, Any]:
     states = np.asarray(dataset["ad_status"], dtype=object)
     centroids = {}
     for state in ("control", "AD"):
-        rows = np.flatnonzero((types == "Mic") & (states == state))[:1000]
+        rows = np.flatnonzero((types == config["cell_type"]) & (states == state))[:1000]
         emb = cell_embeddings(None, dataset.select(rows.tolist()), emb_layer=0, encoder=encoder)
         centroids[state] = emb.astype(np.float64).mean(axis=0)
-    rows = np.flatnonzero((types == "Mic") & (states == "AD"))[: config["cells"]]
+    rows = np.flatnonzero((types == config["cell_type"]) & (states == "AD"))[: config["cells"]]
     cells = [np.asarray(c) for c in dataset.select(rows.tolist())["input_ids"]]
     return {
         "encoder": encoder,
@@ -290,13 +290,21 @@ def main(argv: list[str] | None = None) -> None:
         "min_cells": 3,
     }
     plan = {
-        "demo": {"model": "demo", "cells": 50, "min_cells": 10},
+        **{
+            f"demo_{cell_type}": {
+                "model": "demo",
+                "cell_type": cell_type,
+                "cells": 50,
+                "min_cells": 10,
+            }
+            for cell_type in ("Mic", "Ast", "Exc")
+        },
         "v1_10m": {"model": "v1_10m", **synthetic},
         "v2_layout": {"model": "v2_layout", **synthetic},
         "speed_2048": {"model": "speed_2048", "sample": args.sample},
     }
     if not (ROOT / "models/finetuned/disease").is_dir():
-        plan.pop("demo")
+        plan = {k: v for k, v in plan.items() if v["model"] != "demo"}
     if args.only:
         plan = {k: v for k, v in plan.items() if k in args.only}
     report = harness.start_report(
