@@ -140,7 +140,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from rosmap_geneformer.analysis.perturbation import screen
+    from rosmap_geneformer.analysis.perturbation import estimate, screen
 
     torch.set_num_threads(config["threads"])
     if config["model"] == "speed_2048":
@@ -168,7 +168,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
         )
         return result, time.process_time() - cpu0
 
-    exact, exact_cpu = run(screen.ScreenSettings())
+    exact, exact_cpu = run(estimate.ScreenSettings())
     out: dict[str, Any] = {
         "model": config["model"],
         "cells": len(cells),
@@ -182,7 +182,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     }
     quoted = ENGINE_OVER_GENEFORMER
     for fraction in CONFIRM:
-        settings = screen.ScreenSettings(
+        settings = estimate.ScreenSettings(
             method="estimate",
             grid=config["grid"],
             confirm=fraction,

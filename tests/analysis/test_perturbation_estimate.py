@@ -14,7 +14,7 @@ from transformers import BertModel
 from builders import one_thread, tiny_geneformer_config
 from rosmap_geneformer.analysis import embeddings
 from rosmap_geneformer.analysis.perturbation import engine, estimate
-from rosmap_geneformer.analysis.perturbation.screen import ScreenSettings
+from rosmap_geneformer.analysis.perturbation.estimate import ScreenSettings
 from rosmap_geneformer.errors import InputError
 
 VOCAB = 80

@@ -4,6 +4,9 @@
   overexpression) and the batched forward passes that embed them; one place for its speed.
 - :mod:`rosmap_geneformer.analysis.perturbation.statistics`: shifts towards cell states, rank-sum
   tests against the pooled null, Benjamini-Hochberg FDR, the ranked per-gene table.
+- :mod:`rosmap_geneformer.analysis.perturbation.estimate`: the fast first pass of deletion (a grid
+  of exact deletions, a first-order part, interpolation) and its exact confirmation
+  (``perturb.screen``).
 - :mod:`rosmap_geneformer.analysis.perturbation.screen`: the ``perturb`` stage's screen: settings,
   cells and genes chosen, perturbed, tested, annotated and plotted.
 

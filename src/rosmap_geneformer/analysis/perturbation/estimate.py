@@ -23,13 +23,19 @@ parts are estimated differently, per cell:
 Readouts: the shift towards each state, ``cos(perturbed, E_s) - cos(original, E_s)``, and
 ``cos(perturbed, original)``, which has no first-order term and is interpolated only. The backward
 pass holds the activations of one cell (all layers read): memory grows with length squared.
+
+:func:`estimate_then_confirm` is the perturb stage's use of it (:class:`ScreenSettings`): estimate
+every deletion, then run exactly the genes at both ends of the estimated ranking and those whose
+estimated FDR is low, testing against the exact grid deletions as the null.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,10 +47,79 @@ from rosmap_geneformer.analysis.perturbation.engine import (
     EngineStats,
     perturb_cells,
 )
-from rosmap_geneformer.analysis.perturbation.statistics import state_shifts
+from rosmap_geneformer.analysis.perturbation.statistics import (
+    NET,
+    CellShifts,
+    measured_shifts,
+    per_gene_table,
+    pooled_null,
+    state_shifts,
+    with_net,
+)
 from rosmap_geneformer.errors import InputError
+from rosmap_geneformer.params import check_known_keys
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_GRID = 16
+
+
+SCREEN_METHODS = ("exact", "estimate")
+
+
+@dataclass(frozen=True)
+class ScreenSettings:
+    """``params.yaml: perturb.screen``: how deletions are found.
+
+    Attributes
+    ----------
+    method
+        ``exact``: every deletion of every cell is a forward pass (Geneformer's way, the
+        default). ``estimate``: every deletion is first estimated (:func:`estimate_deletions`),
+        then the genes at both ends of the ranking are run exactly in every cell
+        (:func:`estimate_then_confirm`; overexpression is always exact).
+    grid
+        Exact deletions per cell for the estimate.
+    confirm
+        Fraction of the genes, at each end of the estimated ranking, run exactly afterwards.
+    confirm_fdr
+        Genes whose FDR on the estimates is below this are run exactly too, so that the calls
+        rest on exact shifts (0: none).
+    """
+
+    method: str = "exact"
+    grid: int = DEFAULT_GRID
+    confirm: float = 0.05
+    confirm_fdr: float = 0.25
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any] | None) -> ScreenSettings:
+        """Build from ``params.yaml: perturb.screen`` (unknown keys are an error)."""
+        values = dict(values or {})
+        check_known_keys(values, cls.__dataclass_fields__, section="perturb.screen")
+        settings = cls(**values)
+        if settings.method not in SCREEN_METHODS:
+            msg = (
+                f"params.yaml perturb.screen.method={settings.method!r}: use one of "
+                f"{list(SCREEN_METHODS)}."
+            )
+            raise InputError(msg)
+        if not 0 < settings.confirm <= 0.5:
+            msg = (
+                f"params.yaml perturb.screen.confirm={settings.confirm}: use a fraction in "
+                "(0, 0.5] (the genes run exactly at each end of the ranking)."
+            )
+            raise InputError(msg)
+        if settings.grid < 2:
+            msg = f"params.yaml perturb.screen.grid={settings.grid}: use at least 2."
+            raise InputError(msg)
+        if not 0 <= settings.confirm_fdr <= 1:
+            msg = (
+                f"params.yaml perturb.screen.confirm_fdr={settings.confirm_fdr}: use a value in "
+                "[0, 1] (0: confirm the ends of the ranking only)."
+            )
+            raise InputError(msg)
+        return settings
 
 
 @dataclass
@@ -233,3 +308,100 @@ def estimate_deletions(
             cell_cosines=cosines,
             exact=exact_mask,
         )
+
+
+def estimate_then_confirm(
+    encoder: BertModel,
+    cells: Sequence[Sequence[int]],
+    positions: list[np.ndarray],
+    centroids: Mapping[str, np.ndarray],
+    *,
+    net: tuple[str, str] | None,
+    screen: ScreenSettings,
+    engine: EngineStats,
+    run: dict[str, Any],
+    tests: dict[str, Any],
+) -> tuple[list[CellShifts], dict[str, Any]]:
+    """Estimate every deletion, then run exactly the genes at both ends of the estimated ranking
+    and those whose estimated FDR is below ``screen.confirm_fdr``.
+
+    Returns the per-cell results (longest cell first, as the exact engine) and the screen report
+    (with ``confirmed_genes``, the tokens run exactly in every cell).
+    """
+    stats = EstimateStats(engine=engine)
+    estimated = list(
+        estimate_deletions(
+            encoder, cells, positions, centroids, grid=screen.grid, stats=stats, **run
+        )
+    )
+    per_cell = [(e.tokens, with_net(dict(e.shifts), net), e.cell_cosines) for e in estimated]
+    # The null of the tests: the exact grid deletions, a sample of every cell spread over its
+    # positions (estimates would widen or narrow it).
+    nulls = (
+        {
+            state: pooled_null(
+                {
+                    e.cell: shifts[state][e.exact]
+                    for e, (_, shifts, _) in zip(estimated, per_cell, strict=True)
+                },
+                size=tests["null_size"],
+                seed=tests["seed"],
+            )
+            for state in per_cell[0][1]
+        }
+        if per_cell
+        else {}
+    )
+    estimated_table = per_gene_table(per_cell, **tests, nulls=nulls)
+    ranked = estimated_table.index.tolist()  # by the ranking column, largest first
+    n_confirm = min(len(ranked), int(np.ceil(screen.confirm * len(ranked))))
+    fdr_column = "fdr" if tests["rank_by"] == "goal" else f"{NET}_fdr"
+    maybe_called = estimated_table.index[estimated_table[fdr_column] < screen.confirm_fdr]
+    ends = set(ranked[:n_confirm]) | set(ranked[-n_confirm:])
+    confirmed = np.array(sorted(ends | set(maybe_called.tolist())), np.int64)
+    where = {e.cell: k for k, e in enumerate(estimated)}
+    todo = [np.zeros(0, np.int64)] * len(cells)
+    rows = {}
+    for e in estimated:
+        rows[e.cell] = np.flatnonzero(np.isin(e.tokens, confirmed) & ~e.exact)
+        todo[e.cell] = positions[e.cell][rows[e.cell]]
+    grid_passes = engine.forward_passes
+    grid_perturbations = engine.perturbations
+    for result in perturb_cells(
+        encoder, cells, todo, perturb_type="delete", engine_stats=engine, **run
+    ):
+        _, shifts, cosines = per_cell[where[result.cell]]
+        _, exact, exact_cosines = measured_shifts(result, centroids, net)
+        for state, values in exact.items():
+            shifts[state][rows[result.cell]] = values
+        cosines[rows[result.cell]] = exact_cosines
+    # Times go to the log only: the report is a cached output and must not change between runs.
+    logger.info(
+        "estimate: %d deletions estimated (%d exact on the grid, %.1f s in backward passes); "
+        "%d genes confirmed exactly (%d deletions)",
+        stats.estimated,
+        grid_perturbations,
+        stats.gradient_seconds,
+        confirmed.size,
+        engine.perturbations - grid_perturbations,
+    )
+    report = {
+        "method": "estimate",
+        "grid": screen.grid,
+        "confirm": screen.confirm,
+        "estimated_perturbations": stats.estimated,
+        "exact_grid_perturbations": grid_perturbations,
+        "exact_confirmation_perturbations": engine.perturbations - grid_perturbations,
+        "forward_passes": {
+            "grid": grid_passes,
+            "confirmation": engine.forward_passes - grid_passes,
+        },
+        "backward_passes": stats.backward_passes,
+        "confirm_fdr": screen.confirm_fdr,
+        "genes_confirmed": int(confirmed.size),
+        "genes_confirmed_for_their_estimated_fdr": len(set(maybe_called.tolist()) - ends),
+        "null": "exact grid deletions",
+        "confirmed_genes": confirmed,
+        "nulls": nulls,
+    }
+    return per_cell, report

@@ -4,7 +4,9 @@ towards the goal state.
 :func:`perturb_dataset` selects the cells (start state, cell type, seeded subsets), computes the
 state centroids, and per perturbation type runs :func:`run_state_perturbation` (the engine,
 :mod:`rosmap_geneformer.analysis.perturbation.engine`, then the tests,
-:mod:`rosmap_geneformer.analysis.perturbation.statistics`) and annotates the ranked table;
+:mod:`rosmap_geneformer.analysis.perturbation.statistics`; with ``perturb.screen.method:
+estimate``, deletions are estimated first and confirmed,
+:mod:`rosmap_geneformer.analysis.perturbation.estimate`) and annotates the ranked table;
 :func:`plot_top_genes` draws it. :func:`token_annotation` (token -> Ensembl id, symbol) serves the
 grn stage too.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,24 +26,21 @@ from rosmap_geneformer.analysis.embeddings import PRECISIONS
 from rosmap_geneformer.analysis.perturbation.engine import (
     DEFAULT_MAX_TOKENS,
     PERTURB_TYPES,
-    CellPerturbations,
     EngineStats,
     cosine,
     gene_slice,
     perturb_cells,
 )
 from rosmap_geneformer.analysis.perturbation.estimate import (
-    DEFAULT_GRID,
-    EstimateStats,
-    estimate_deletions,
+    ScreenSettings,
+    estimate_then_confirm,
 )
 from rosmap_geneformer.analysis.perturbation.statistics import (
     DEFAULT_NULL_SIZE,
     NET,
     RANK_BY,
-    perturbation_table,
-    pooled_null,
-    state_shifts,
+    measured_shifts,
+    per_gene_table,
 )
 from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.params import check_known_keys, check_names
@@ -72,64 +71,6 @@ class PerturbationResult:
     table: pd.DataFrame
     engine: EngineStats
     screen: dict[str, Any]
-
-
-SCREEN_METHODS = ("exact", "estimate")
-
-
-@dataclass(frozen=True)
-class ScreenSettings:
-    """``params.yaml: perturb.screen``: how deletions are found.
-
-    Attributes
-    ----------
-    method
-        ``exact``: every deletion of every cell is a forward pass (Geneformer's way, the
-        default). ``estimate``: every deletion is first estimated
-        (:mod:`rosmap_geneformer.analysis.perturbation.estimate`), then the genes at both ends of
-        the ranking are run exactly in every cell (overexpression is always exact).
-    grid
-        Exact deletions per cell for the estimate.
-    confirm
-        Fraction of the genes, at each end of the estimated ranking, run exactly afterwards.
-    confirm_fdr
-        Genes whose FDR on the estimates is below this are run exactly too, so that the calls
-        rest on exact shifts (0: none).
-    """
-
-    method: str = "exact"
-    grid: int = DEFAULT_GRID
-    confirm: float = 0.05
-    confirm_fdr: float = 0.25
-
-    @classmethod
-    def from_params(cls, values: Mapping[str, Any] | None) -> ScreenSettings:
-        """Build from ``params.yaml: perturb.screen`` (unknown keys are an error)."""
-        values = dict(values or {})
-        check_known_keys(values, cls.__dataclass_fields__, section="perturb.screen")
-        settings = cls(**values)
-        if settings.method not in SCREEN_METHODS:
-            msg = (
-                f"params.yaml perturb.screen.method={settings.method!r}: use one of "
-                f"{list(SCREEN_METHODS)}."
-            )
-            raise InputError(msg)
-        if not 0 < settings.confirm <= 0.5:
-            msg = (
-                f"params.yaml perturb.screen.confirm={settings.confirm}: use a fraction in "
-                "(0, 0.5] (the genes run exactly at each end of the ranking)."
-            )
-            raise InputError(msg)
-        if settings.grid < 2:
-            msg = f"params.yaml perturb.screen.grid={settings.grid}: use at least 2."
-            raise InputError(msg)
-        if not 0 <= settings.confirm_fdr <= 1:
-            msg = (
-                f"params.yaml perturb.screen.confirm_fdr={settings.confirm_fdr}: use a value in "
-                "[0, 1] (0: confirm the ends of the ranking only)."
-            )
-            raise InputError(msg)
-        return settings
 
 
 def genes_to_perturb(
@@ -248,7 +189,7 @@ def run_state_perturbation(
     engine = EngineStats()
     report: dict[str, Any] = {"method": "exact"}
     if screen.method == "estimate" and perturb_type == "delete":
-        per_cell, report = _estimate_then_confirm(
+        per_cell, report = estimate_then_confirm(
             encoder,
             cells,
             positions,
@@ -263,161 +204,15 @@ def run_state_perturbation(
         if screen.method == "estimate":
             report["note"] = "the estimate covers deletion only; overexpression is run exactly"
         per_cell = [
-            _measured(result, centroids, net)
+            measured_shifts(result, centroids, net)
             for result in perturb_cells(
                 encoder, cells, positions, perturb_type=perturb_type, engine_stats=engine, **run
             )
         ]
-    table = _per_gene_table(per_cell, **tests, nulls=report.pop("nulls", None))
+    table = per_gene_table(per_cell, **tests, nulls=report.pop("nulls", None))
     if "confirmed_genes" in report:
         table["confirmed"] = table.index.isin(report.pop("confirmed_genes"))
     return PerturbationResult(table=table, engine=engine, screen=report)
-
-
-Measured = tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]
-
-
-def _per_gene_table(
-    per_cell: Sequence[Measured],
-    *,
-    goal_state: str,
-    rank_by: str,
-    null_size: int,
-    seed: int,
-    nulls: Mapping[str, np.ndarray] | None = None,
-) -> pd.DataFrame:
-    """The ranked per-gene table of per-cell results (values in the order of ``per_cell``)."""
-    per_state: dict[str, dict[int, list[np.ndarray]]] = {}
-    cos_original: dict[int, list[np.ndarray]] = {}
-    for tokens, shifts, cosines in per_cell:
-        for k, token in enumerate(tokens.tolist()):
-            for state, values in shifts.items():
-                per_state.setdefault(state, {}).setdefault(token, []).append(values[k : k + 1])
-            cos_original.setdefault(token, []).append(cosines[k : k + 1])
-    collected = {
-        state: {t: np.concatenate(v) for t, v in values.items()}
-        for state, values in per_state.items()
-    }
-    return perturbation_table(
-        collected,
-        {t: np.concatenate(v) for t, v in cos_original.items()},
-        goal_state=goal_state,
-        rank_by=rank_by,
-        null_size=null_size,
-        seed=seed,
-        nulls=nulls,
-    )
-
-
-def _with_net(shifts: dict[str, np.ndarray], net: tuple[str, str] | None) -> dict[str, np.ndarray]:
-    if net is not None:
-        shifts[NET] = shifts[net[0]] - shifts[net[1]]
-    return shifts
-
-
-def _measured(
-    result: CellPerturbations, centroids: Mapping[str, np.ndarray], net: tuple[str, str] | None
-) -> Measured:
-    """Tokens, shifts towards each state (and the net shift) and cosines of one cell's run."""
-    shifts = _with_net(state_shifts(result.perturbed, result.original, centroids), net)
-    return result.tokens, shifts, result.cell_cosines
-
-
-def _estimate_then_confirm(
-    encoder: BertModel,
-    cells: Sequence[Sequence[int]],
-    positions: list[np.ndarray],
-    centroids: Mapping[str, np.ndarray],
-    *,
-    net: tuple[str, str] | None,
-    screen: ScreenSettings,
-    engine: EngineStats,
-    run: dict[str, Any],
-    tests: dict[str, Any],
-) -> tuple[list[Measured], dict[str, Any]]:
-    """Estimate every deletion, then run exactly the genes at both ends of the estimated ranking
-    and those whose estimated FDR is below ``screen.confirm_fdr``.
-
-    Returns the per-cell results (longest cell first, as the exact engine) and the screen report
-    (with ``confirmed_genes``, the tokens run exactly in every cell).
-    """
-    stats = EstimateStats(engine=engine)
-    estimated = list(
-        estimate_deletions(
-            encoder, cells, positions, centroids, grid=screen.grid, stats=stats, **run
-        )
-    )
-    per_cell = [(e.tokens, _with_net(dict(e.shifts), net), e.cell_cosines) for e in estimated]
-    # The null of the tests: the exact grid deletions, a sample of every cell spread over its
-    # positions (estimates would widen or narrow it).
-    nulls = (
-        {
-            state: pooled_null(
-                {
-                    e.cell: shifts[state][e.exact]
-                    for e, (_, shifts, _) in zip(estimated, per_cell, strict=True)
-                },
-                size=tests["null_size"],
-                seed=tests["seed"],
-            )
-            for state in per_cell[0][1]
-        }
-        if per_cell
-        else {}
-    )
-    estimated_table = _per_gene_table(per_cell, **tests, nulls=nulls)
-    ranked = estimated_table.index.tolist()  # by the ranking column, largest first
-    n_confirm = min(len(ranked), int(np.ceil(screen.confirm * len(ranked))))
-    fdr_column = "fdr" if tests["rank_by"] == "goal" else f"{NET}_fdr"
-    maybe_called = estimated_table.index[estimated_table[fdr_column] < screen.confirm_fdr]
-    ends = set(ranked[:n_confirm]) | set(ranked[-n_confirm:])
-    confirmed = np.array(sorted(ends | set(maybe_called.tolist())), np.int64)
-    where = {e.cell: k for k, e in enumerate(estimated)}
-    todo = [np.zeros(0, np.int64)] * len(cells)
-    rows = {}
-    for e in estimated:
-        rows[e.cell] = np.flatnonzero(np.isin(e.tokens, confirmed) & ~e.exact)
-        todo[e.cell] = positions[e.cell][rows[e.cell]]
-    grid_passes = engine.forward_passes
-    grid_perturbations = engine.perturbations
-    for result in perturb_cells(
-        encoder, cells, todo, perturb_type="delete", engine_stats=engine, **run
-    ):
-        _, shifts, cosines = per_cell[where[result.cell]]
-        _, exact, exact_cosines = _measured(result, centroids, net)
-        for state, values in exact.items():
-            shifts[state][rows[result.cell]] = values
-        cosines[rows[result.cell]] = exact_cosines
-    # Times go to the log only: the report is a cached output and must not change between runs.
-    logger.info(
-        "estimate: %d deletions estimated (%d exact on the grid, %.1f s in backward passes); "
-        "%d genes confirmed exactly (%d deletions)",
-        stats.estimated,
-        grid_perturbations,
-        stats.gradient_seconds,
-        confirmed.size,
-        engine.perturbations - grid_perturbations,
-    )
-    report = {
-        "method": "estimate",
-        "grid": screen.grid,
-        "confirm": screen.confirm,
-        "estimated_perturbations": stats.estimated,
-        "exact_grid_perturbations": grid_perturbations,
-        "exact_confirmation_perturbations": engine.perturbations - grid_perturbations,
-        "forward_passes": {
-            "grid": grid_passes,
-            "confirmation": engine.forward_passes - grid_passes,
-        },
-        "backward_passes": stats.backward_passes,
-        "confirm_fdr": screen.confirm_fdr,
-        "genes_confirmed": int(confirmed.size),
-        "genes_confirmed_for_their_estimated_fdr": len(set(maybe_called.tolist()) - ends),
-        "null": "exact grid deletions",
-        "confirmed_genes": confirmed,
-        "nulls": nulls,
-    }
-    return per_cell, report
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,7 +289,7 @@ class PerturbSettings:
     precision: str = "auto"
     batch_size: int = 32
     top_n: int = 25
-    screen: ScreenSettings = ScreenSettings()
+    screen: ScreenSettings = field(default_factory=ScreenSettings)
 
     @classmethod
     def from_params(cls, values: Mapping[str, Any]) -> PerturbSettings:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from rosmap_geneformer.analysis.perturbation.engine import cosine
+from rosmap_geneformer.analysis.perturbation.engine import CellPerturbations, cosine
 from rosmap_geneformer.errors import InputError
 
 RANK_BY = ("goal", "net")
@@ -192,3 +192,58 @@ def perturbation_table(
     key = "mean_shift" if rank_by == "goal" else f"{NET}_mean_shift"
     table = table.sort_values([key, "gene"], ascending=[False, True], kind="stable")
     return table.set_index("gene")
+
+
+# --------------------------------------------------------------------------------------------
+# Per-cell results to the per-gene table
+
+
+# One cell's deleted tokens, shifts per state and cos(perturbed, original).
+CellShifts = tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]
+
+
+def per_gene_table(
+    per_cell: Sequence[CellShifts],
+    *,
+    goal_state: str,
+    rank_by: str,
+    null_size: int,
+    seed: int,
+    nulls: Mapping[str, np.ndarray] | None = None,
+) -> pd.DataFrame:
+    """The ranked per-gene table of per-cell results (values in the order of ``per_cell``)."""
+    per_state: dict[str, dict[int, list[np.ndarray]]] = {}
+    cos_original: dict[int, list[np.ndarray]] = {}
+    for tokens, shifts, cosines in per_cell:
+        for k, token in enumerate(tokens.tolist()):
+            for state, values in shifts.items():
+                per_state.setdefault(state, {}).setdefault(token, []).append(values[k : k + 1])
+            cos_original.setdefault(token, []).append(cosines[k : k + 1])
+    collected = {
+        state: {t: np.concatenate(v) for t, v in values.items()}
+        for state, values in per_state.items()
+    }
+    return perturbation_table(
+        collected,
+        {t: np.concatenate(v) for t, v in cos_original.items()},
+        goal_state=goal_state,
+        rank_by=rank_by,
+        null_size=null_size,
+        seed=seed,
+        nulls=nulls,
+    )
+
+
+def with_net(shifts: dict[str, np.ndarray], net: tuple[str, str] | None) -> dict[str, np.ndarray]:
+    """Add the net shift (towards ``net[0]`` minus towards ``net[1]``) when ``net`` is given."""
+    if net is not None:
+        shifts[NET] = shifts[net[0]] - shifts[net[1]]
+    return shifts
+
+
+def measured_shifts(
+    result: CellPerturbations, centroids: Mapping[str, np.ndarray], net: tuple[str, str] | None
+) -> CellShifts:
+    """Tokens, shifts towards each state (and the net shift) and cosines of one cell's run."""
+    shifts = with_net(state_shifts(result.perturbed, result.original, centroids), net)
+    return result.tokens, shifts, result.cell_cosines
