@@ -331,8 +331,9 @@ def names_warning(
 # Settings that only make sense for the demo
 
 DEMO_SOURCE = "demo"
-# grn.regulators as shipped: the demo's planted TF programs (data/demo) and NFIA (no targets).
-DEMO_REGULATORS = ("SOX9", "OLIG2", "SPI1", "NEUROD2", "TCF7L2", "RUNX1", "NFIA")
+# grn.regulators as shipped: the demo's planted TF programs, the mediator NFIB (data/demo)
+# and NFIA (no targets).
+DEMO_REGULATORS = ("SOX9", "OLIG2", "SPI1", "NEUROD2", "TCF7L2", "RUNX1", "NFIB", "NFIA")
 
 
 def _under(path: str | Path, folder: str | Path) -> bool:
@@ -361,7 +362,7 @@ def demo_only_problems(params: Params, sections: Iterable[str]) -> list[str]:
         if not grn.regulators_file and {str(r).upper() for r in grn.regulators} == shipped:
             problems.append(
                 f"params.yaml grn.regulators = [{', '.join(grn.regulators)}] is the demo's list "
-                f"(its planted TFs and NFIA), but data.source is {source}; set grn.regulators to "
+                f"(its planted TFs, NFIB and NFIA), but data.source is {source}; set grn.regulators to "
                 "the regulators to test in your data, or list them in grn.regulators_file (one "
                 "symbol or Ensembl id per line) and empty grn.regulators."
             )

@@ -73,7 +73,16 @@ TRUTH_COLUMNS = {
     ],
     "truth/genes.tsv": ["var_name", "ensembl_id", "kind"],
     "truth/ad_genes.tsv": ["gene", "ensembl_id", "cell_types", "log2_fold_change", "direction"],
-    "truth/grn.tsv": ["tf", "tf_ensembl_id", "target", "target_ensembl_id", "weight", "cell_types"],
+    "truth/grn.tsv": [
+        "tf",
+        "tf_ensembl_id",
+        "target",
+        "target_ensembl_id",
+        "weight",
+        "cell_types",
+        "case",
+    ],
+    "truth/grn_decoys.tsv": ["tf", "tf_ensembl_id", "target", "target_ensembl_id", "via", "case"],
     "truth/donors.tsv": [
         "subject",
         "ad_status",
@@ -94,6 +103,7 @@ UNAFFECTED_TABLES = (
     "truth_genes",
     "truth_ad_genes",
     "truth_grn",
+    "truth_grn_decoys",
 )
 OBS_NAME = re.compile(r"^(L\d{3})_[ACGT]{16}-1$")
 
@@ -368,10 +378,11 @@ def test_tf_targets_correlate_with_their_tf(
     x, cells = clean
     index = {name: i for i, name in enumerate(demo.adata.var_names)}
     grn = demo.truth_grn
-    assert grn["tf"].nunique() == TINY["n_tf_programs"]
-    assert (grn.groupby("tf").size() == TINY["targets_per_tf"]).all()
+    assert grn.loc[grn["case"] != "cascade", "tf"].nunique() == TINY["n_tf_programs"]
+    drawn = grn[grn["case"].isin(["program", "cell_type_specific"])]
+    assert (drawn.groupby("tf").size() == TINY["targets_per_tf"]).all()
     assert (grn["weight"] > 0).all()
-    for tf, edges in grn.groupby("tf"):
+    for tf, edges in grn[grn["case"] == "program"].groupby("tf"):
         active = cells["cell_type"].isin(edges["cell_types"].iloc[0].split(",")).to_numpy()
         tf_values = x[active][:, index[tf]].toarray().ravel()
         # A program is a switch: on in half of the cells of its types, the TF nearly silent in
@@ -385,6 +396,48 @@ def test_tf_targets_correlate_with_their_tf(
         )
         assert (correlations > 0).mean() >= 0.8, tf
         assert correlations.mean() > 0.1, tf
+
+
+def test_misleading_cases_are_planted_and_labelled(
+    demo: DemoData, clean: tuple[sparse.csr_matrix, pd.DataFrame]
+) -> None:
+    x, cells = clean
+    index = {name: i for i, name in enumerate(demo.adata.var_names)}
+    grn, decoys = demo.truth_grn, demo.truth_grn_decoys
+    # TINY has SOX9, OLIG2 and SPI1: the cascade and the cell-type-specific edges, not the
+    # shared targets (RUNX1 is the 6th program).
+    assert set(grn["case"]) == {"program", "cell_type_specific", "mediator", "cascade"}
+    mediator = grn.loc[grn["case"] == "mediator"]
+    assert mediator[["tf", "target"]].values.tolist() == [["SOX9", "NFIB"]]
+    cascade = grn[grn["case"] == "cascade"]
+    assert (cascade["tf"] == "NFIB").all() and len(cascade) == 4
+    assert decoys[["tf", "target", "via", "case"]].values.tolist() == [
+        ["SOX9", t, "NFIB", "indirect"] for t in cascade["target"]
+    ]
+    assert not set(zip(decoys["tf"], decoys["target"])) & set(zip(grn["tf"], grn["target"]))
+
+    def log_cp10k(gene: str, rows: np.ndarray) -> np.ndarray:
+        values = x[rows][:, index[gene]].toarray().ravel()
+        return np.log1p(1e4 * values / np.asarray(x[rows].sum(axis=1)).ravel())
+
+    # An indirect target follows its TF through the mediator.
+    ast = cells["cell_type"].eq("Ast").to_numpy()
+    indirect = [
+        np.corrcoef(log_cp10k("SOX9", ast), log_cp10k(t, ast))[0, 1] for t in decoys["target"]
+    ]
+    assert np.mean(indirect) > 0.2
+    # A cell-type-specific target of OLIG2 follows it in OPC, not in Oli.
+    specific = grn[(grn["case"] == "cell_type_specific")]
+    assert (specific["tf"] == "OLIG2").all() and (specific["cell_types"] == "OPC").all()
+    for kind, expected in (("OPC", True), ("Oli", False)):
+        rows = cells["cell_type"].eq(kind).to_numpy()
+        rho = np.nanmean(
+            [
+                np.corrcoef(log_cp10k("OLIG2", rows), log_cp10k(t, rows))[0, 1]
+                for t in specific["target"]
+            ]
+        )
+        assert (rho > 0.2) == expected, (kind, rho)
 
 
 def test_truth_donors(demo: DemoData, written: Path) -> None:
@@ -472,10 +525,11 @@ def test_ad_effects_vary_between_donors_and_cell_types(demo: DemoData, varied: D
 
     # The counts follow the planted effect: resilient donors' AD genes barely move, and each AD
     # donor's shift moves the way its planted AD gene effect does (same cells, same noise).
-    # Measured: shifts 1.05 -> 0.16 and 0.75 -> 0.10 for the resilient donors.
+    # Measured: shifts 1.19 -> 0.39 and 1.03 -> 0.33 for the resilient donors, which keep 25 %
+    # and 18 % of their severity.
     shift_before, shift_after = _ad_gene_shift(demo), _ad_gene_shift(varied)
     assert (shift_after[resilient[is_ad]] < 0.5 * shift_before[resilient[is_ad]]).all()
-    assert (shift_after[resilient[is_ad]] < 0.25).all()
+    assert (shift_after[resilient[is_ad]] < 0.45).all()
     assert (shift_after[strong] > 0.5).all()
     change = np.sign(after.loc[is_ad, "ad_gene_effect"] - before.loc[is_ad, "ad_gene_effect"])
     assert (np.sign(shift_after - shift_before) == change[shift_after.index]).all()

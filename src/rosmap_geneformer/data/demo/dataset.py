@@ -50,6 +50,7 @@ TRUTH_FILES = {
     "genes": "truth/genes.tsv",
     "ad_genes": "truth/ad_genes.tsv",
     "grn": "truth/grn.tsv",
+    "grn_decoys": "truth/grn_decoys.tsv",
     "donors": "truth/donors.tsv",
     "params": "truth/params.json",
 }
@@ -94,7 +95,13 @@ class DemoData:
     truth_ad_genes
         Genes with an AD effect, their cell types and log2 fold change.
     truth_grn
-        Planted TF -> target edges with weights and cell types.
+        Planted regulator -> target edges with weights, the cell types where each acts and its
+        ``case``: ``program``, ``shared`` (a target of two regulators), ``cell_type_specific``
+        (active in some of the regulator's types only), ``mediator`` (a target that regulates
+        targets of its own) or ``cascade`` (the mediator's targets).
+    truth_grn_decoys
+        Regulator -> gene pairs that are not edges but that co-expression is expected to rank
+        high (``case`` ``indirect``: the targets of a regulator's mediator, named in ``via``).
     truth_donors
         One row per donor (sorted by subject): ``ad_status`` (``AD``/``control``), ``resilient``,
         ``severity`` (after resilience), the AD effect per major type (``effect_<type>``) and
@@ -112,6 +119,7 @@ class DemoData:
     truth_genes: pd.DataFrame
     truth_ad_genes: pd.DataFrame
     truth_grn: pd.DataFrame
+    truth_grn_decoys: pd.DataFrame
     truth_donors: pd.DataFrame
     params: dict[str, Any]
 
@@ -224,24 +232,7 @@ def generate_demo(
             "direction": [s["direction"] for s in specs["ad"]],
         }
     )
-    grn_rows = []
-    for program in specs["programs"]:
-        weights = np.round(rng.uniform(0.5, 1.0, len(program["targets"])), 3)
-        for target, weight in zip(program["targets"], weights, strict=True):
-            grn_rows.append(
-                {
-                    "tf": program["tf"],
-                    "tf_ensembl_id": ensembl_of[program["tf"]],
-                    "target": target,
-                    "target_ensembl_id": ensembl_of[target],
-                    "weight": float(weight),
-                    "cell_types": ",".join(program["cell_types"]),
-                }
-            )
-    truth_grn = pd.DataFrame(
-        grn_rows,
-        columns=["tf", "tf_ensembl_id", "target", "target_ensembl_id", "weight", "cell_types"],
-    )
+    truth_grn, truth_grn_decoys = _truth_network(rng, specs["programs"], ensembl_of)
 
     donors = draw_donors(
         rng,
@@ -420,9 +411,49 @@ def generate_demo(
         truth_genes=truth_genes,
         truth_ad_genes=truth_ad,
         truth_grn=truth_grn,
+        truth_grn_decoys=truth_grn_decoys,
         truth_donors=_truth_donors(donors, truth_ad),
         params={**params, "columns": cols},
     )
+
+
+GRN_COLUMNS = ["tf", "tf_ensembl_id", "target", "target_ensembl_id", "weight", "cell_types", "case"]
+DECOY_COLUMNS = ["tf", "tf_ensembl_id", "target", "target_ensembl_id", "via", "case"]
+
+
+def _truth_network(
+    rng: np.random.Generator, programs: Sequence[Mapping[str, Any]], ensembl_of: Mapping[str, str]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The planted edges (weights drawn here) and the indirect pairs of the cascades."""
+    rows, decoys = [], []
+    for program in programs:
+        weights = np.round(rng.uniform(0.5, 1.0, len(program["targets"])), 3)
+        for target, weight, types, case in zip(
+            program["targets"], weights, program["target_types"], program["cases"], strict=True
+        ):
+            rows.append(
+                {
+                    "tf": program["tf"],
+                    "tf_ensembl_id": ensembl_of[program["tf"]],
+                    "target": target,
+                    "target_ensembl_id": ensembl_of[target],
+                    "weight": float(weight),
+                    "cell_types": ",".join(types),
+                    "case": case,
+                }
+            )
+            if "via" in program:
+                decoys.append(
+                    {
+                        "tf": program["via"],
+                        "tf_ensembl_id": ensembl_of[program["via"]],
+                        "target": target,
+                        "target_ensembl_id": ensembl_of[target],
+                        "via": program["tf"],
+                        "case": "indirect",
+                    }
+                )
+    return pd.DataFrame(rows, columns=GRN_COLUMNS), pd.DataFrame(decoys, columns=DECOY_COLUMNS)
 
 
 def _simulate_in_stream(
@@ -577,6 +608,7 @@ def write_demo(
     io.write_tsv(demo.truth_genes, paths["truth_genes"])
     io.write_tsv(demo.truth_ad_genes, paths["truth_ad_genes"])
     io.write_tsv(demo.truth_grn, paths["truth_grn"])
+    io.write_tsv(demo.truth_grn_decoys, paths["truth_grn_decoys"])
     io.write_tsv(demo.truth_donors, paths["truth_donors"])
     io.write_json(demo.params, paths["truth_params"])
     return paths

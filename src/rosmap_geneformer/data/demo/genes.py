@@ -59,6 +59,16 @@ TF_PROGRAMS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("DLX1", ("Inh",)),
 )
 
+# Cases where co-expression is known to mislead, planted on top of the programs when their TFs
+# are among the first n_tf_programs (decided before any method was measured on them):
+# - shared: targets of the second TF that the first regulates as well (both in microglia);
+SHARED_TARGETS = ("SPI1", "RUNX1", 3)
+# - cell_type_specific: targets of a TF active in two types that respond in one type only;
+CELL_TYPE_SPECIFIC = ("OLIG2", ("OPC",), 4)
+# - a cascade: the TF's extra target (the mediator) regulates targets of its own; those are
+#   correlated with the TF through the mediator but are not its direct targets ("indirect").
+CASCADE = ("SOX9", "NFIB", 4)
+
 # AD genes (symbol, major types, direction) after the AD snRNA-seq literature; the first n_ad_genes
 # are used, further ones are random background genes.
 AD_GENES: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -240,6 +250,10 @@ def select_genes(
     tfs = TF_PROGRAMS[:n_tf_programs]
     for symbol, _ in tfs:
         add(symbol, _primary_id(table, symbol), "gene_name", "tf")
+    cascade_tf, mediator, n_cascade = CASCADE
+    has_cascade = cascade_tf in dict(tfs)
+    if has_cascade:
+        add(mediator, _primary_id(table, mediator), "gene_name", "tf_target")
     curated_ad = AD_GENES[: min(n_ad_genes, len(AD_GENES))]
     for symbol, _, _ in curated_ad:
         add(symbol, _primary_id(table, symbol), "gene_name", "ad")
@@ -270,7 +284,8 @@ def select_genes(
 
     n_fill = n_genes - len(rows) - n_duplicate_genes
     n_extra_ad = n_ad_genes - len(curated_ad)
-    needed = n_tf_programs * targets_per_tf + n_duplicate_genes + n_extra_ad
+    n_second = n_cascade if has_cascade else 0
+    needed = n_tf_programs * targets_per_tf + n_second + n_duplicate_genes + n_extra_ad
     if n_fill < needed:
         msg = (
             f"params.yaml demo.n_genes={n_genes} is too small: {len(rows)} named genes plus "
@@ -290,6 +305,7 @@ def select_genes(
     for symbol, types in tfs:
         targets, free = free[:targets_per_tf], free[targets_per_tf:]
         programs.append({"tf": symbol, "cell_types": types, "targets": sorted(targets)})
+    second, free = free[:n_second], free[n_second:]
     extra_ad, free = free[:n_extra_ad], free[n_extra_ad:]
     duplicated, free = free[:n_duplicate_genes], free[n_duplicate_genes:]
     for gene_id in duplicated:
@@ -303,10 +319,11 @@ def select_genes(
     symbol_of = {gid: table.at[gid, "gene_name"] for gid in fill}
     role = frame["role"].to_numpy(copy=True)
     index_of = {(r.ensembl_id, r.kind): i for i, r in enumerate(frame.itertuples())}
+    for gene_id in [g for program in programs for g in program["targets"]] + second:
+        role[index_of[(gene_id, "gene_name")]] = "tf_target"
     for program in programs:
         program["targets"] = [symbol_of[g] for g in program["targets"]]
-        for gene_id in [g for g, s in symbol_of.items() if s in program["targets"]]:
-            role[index_of[(gene_id, "gene_name")]] = "tf_target"
+    programs = plant_cases(programs, second=[symbol_of[g] for g in second])
     ad_specs = [{"gene": s, "cell_types": t, "direction": d} for s, t, d in curated_ad]
     for gene_id in sorted(extra_ad):
         k = int(rng.integers(1, 3))
@@ -321,3 +338,56 @@ def select_genes(
         raise RuntimeError(msg)
     frame = frame.iloc[rng.permutation(len(frame))].reset_index(drop=True)
     return frame, {"programs": programs, "ad": ad_specs}
+
+
+def plant_cases(programs: list[dict[str, Any]], *, second: Sequence[str]) -> list[dict[str, Any]]:
+    """Add the misleading cases to drawn programs: per target, its cell types and case.
+
+    Parameters
+    ----------
+    programs
+        ``tf``, ``cell_types`` and ``targets`` (symbols) per program.
+    second
+        The mediator's own targets (:data:`CASCADE`), drawn apart from every program's.
+
+    Returns
+    -------
+    The programs with ``target_types`` (types where each target responds) and ``cases`` (per
+    target: ``program``, ``shared``, ``cell_type_specific`` or ``mediator``), and, when the
+    cascade's TF is among them, one more program: the mediator's, with ``via`` (its TF) and
+    targets of case ``cascade``.
+    """
+    by_tf = {p["tf"]: p for p in programs}
+    for program in programs:
+        program["target_types"] = [tuple(program["cell_types"])] * len(program["targets"])
+        program["cases"] = ["program"] * len(program["targets"])
+    first, other, n_shared = SHARED_TARGETS
+    if first in by_tf and other in by_tf:
+        shared = by_tf[other]["targets"][:n_shared]
+        for target in shared:
+            by_tf[other]["cases"][by_tf[other]["targets"].index(target)] = "shared"
+        by_tf[first]["targets"] += shared
+        by_tf[first]["target_types"] += [tuple(by_tf[first]["cell_types"])] * n_shared
+        by_tf[first]["cases"] += ["shared"] * n_shared
+    tf, types, n_specific = CELL_TYPE_SPECIFIC
+    if tf in by_tf:
+        for i in range(n_specific):
+            by_tf[tf]["target_types"][i] = tuple(types)
+            by_tf[tf]["cases"][i] = "cell_type_specific"
+    cascade_tf, mediator, _ = CASCADE
+    if cascade_tf in by_tf:
+        source = by_tf[cascade_tf]
+        source["targets"].append(mediator)
+        source["target_types"].append(tuple(source["cell_types"]))
+        source["cases"].append("mediator")
+        programs.append(
+            {
+                "tf": mediator,
+                "via": cascade_tf,
+                "cell_types": source["cell_types"],
+                "targets": sorted(second),
+                "target_types": [tuple(source["cell_types"])] * len(second),
+                "cases": ["cascade"] * len(second),
+            }
+        )
+    return programs

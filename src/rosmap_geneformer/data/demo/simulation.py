@@ -10,9 +10,12 @@
   activity ``a ~ N(0, 1)``, capped at 1.5, and the program is on where ``a > 0`` (half of the
   cells). Where it is on, the TF's mean scales with ``exp(1.4 a)`` and each target's mean with
   ``exp(weight * (1 + 2 a))``; where it is off, the TF is nearly silent (x 0.01) and its targets
-  stay at their baseline. The demo's small model learns such a switch, which the TF marks, from
-  a few thousand cells; from a graded co-variation alone (``exp(0.7 a)``) its deletions found no
-  target.
+  stay at their baseline. A target may respond in some of the TF's types only, or to two TFs
+  (the effects multiply). A mediator (a TF's target) drives targets of its own with
+  ``exp(weight * m)``, ``m`` its own log-scale response plus ``N(0, 0.5)`` noise, so they follow
+  the mediator more closely than its TF. The demo's small model learns such a switch, which the
+  TF marks, from a few thousand cells; from a graded co-variation alone (``exp(0.7 a)``) its
+  deletions found no target.
 - Counts are gamma-Poisson (negative binomial) around ``library size * profile``; ``MT-`` genes take
   1-3 % of a normal cell's counts. Low-quality cells have either a tiny library (multinomial, fewer
   than 150 UMIs, hence fewer than 150 genes) or 35-65 % mitochondrial counts. A doublet is the sum
@@ -78,6 +81,7 @@ _TF_OFF = 0.01  # a TF's expression factor where its program is off
 _TARGET_RESPONSE = 2.0  # a target's log-scale response, when on: weight * (1 + 2 a)
 _MAX_ACTIVITY = 1.5  # programs saturate: an extreme activity would leave a cell few other genes
 _PROGRAM_FLOOR = 3.0  # targets and AD genes at least this weight where they act
+_MEDIATOR_NOISE = 0.5  # log-scale noise of a mediator's level, which its own targets follow
 _THETA = 4.0  # gamma-Poisson shape for nuclear genes (variance mu + mu^2 / theta)
 _THETA_MT = 20.0
 _MEDIAN_LIBRARY = 2200.0
@@ -282,14 +286,26 @@ def build_model(
     for program in specs["programs"]:
         tf = index[program["tf"]]
         active = np.isin(np.array(CELL_TYPES), program["cell_types"])
-        major[:, tf] = np.where(active, _TF_HIGH, _TF_LOW) * rng.lognormal(
-            0.0, 0.2, len(CELL_TYPES)
-        )
+        if "via" not in program:  # a mediator keeps the level its own TF gives it
+            major[:, tf] = np.where(active, _TF_HIGH, _TF_LOW) * rng.lognormal(
+                0.0, 0.2, len(CELL_TYPES)
+            )
         edges = truth_grn[truth_grn["tf"] == program["tf"]]
         targets = np.array([index[s] for s in edges["target"]])
-        major[np.ix_(active, targets)] = np.maximum(major[np.ix_(active, targets)], _PROGRAM_FLOOR)
+        responds = np.array(
+            [np.isin(np.array(CELL_TYPES), types.split(",")) for types in edges["cell_types"]]
+        ).T
+        floor = np.where(responds, _PROGRAM_FLOOR, 0.0)
+        major[:, targets] = np.maximum(major[:, targets], floor)
         programs.append(
-            {"tf": tf, "targets": targets, "weights": edges["weight"].to_numpy(), "active": active}
+            {
+                "tf": tf,
+                "targets": targets,
+                "weights": edges["weight"].to_numpy(),
+                "active": active,
+                "responds": responds,
+                "mediator": "via" in program,
+            }
         )
 
     ad_log2 = np.zeros((len(CELL_TYPES), n_genes))
@@ -352,20 +368,33 @@ def simulate_units(
     effect = donor[[effect_column(c) for c in CELL_TYPES]].to_numpy(float)
     if (effect > 0).any():
         weights *= np.exp2(model.ad_log2[major] * effect[major][:, None])
+    log_response = np.zeros_like(weights)
     for program in model.programs:
+        if program["mediator"]:
+            # The mediator's targets follow the mediator's own level (its response to its TF
+            # plus noise of its own), not the TF's activity.
+            level = log_response[:, program["tf"]]
+            noisy = np.where(level > 0, level + rng.normal(0.0, _MEDIATOR_NOISE, n), 0.0)
+            log_response[:, program["tf"]] = noisy
+            responds = program["responds"][major] & (noisy > 0)[:, None]
+            log_response[:, program["targets"]] += np.where(
+                responds, program["weights"][None, :] * noisy[:, None], 0.0
+            )
+            continue
         activity = rng.normal(0.0, 1.0, n)
         on = program["active"][major]
         if not on.any():
             continue
-        a = np.minimum(activity[on], _MAX_ACTIVITY)[:, None]
-        switched_on = a > 0
-        weights[on, program["tf"]] *= np.where(
-            switched_on[:, 0], np.exp(_TF_RESPONSE * a[:, 0]), _TF_OFF
+        a = np.minimum(activity, _MAX_ACTIVITY)
+        switched_on = on & (a > 0)
+        log_response[on, program["tf"]] += np.where(
+            switched_on[on], _TF_RESPONSE * a[on], np.log(_TF_OFF)
         )
-        w = program["weights"][None, :]
-        weights[np.ix_(on, program["targets"])] *= np.where(
-            switched_on, np.exp(w * (1 + _TARGET_RESPONSE * a)), 1.0
+        responds = program["responds"][major] & switched_on[:, None]
+        log_response[:, program["targets"]] += np.where(
+            responds, program["weights"][None, :] * (1 + _TARGET_RESPONSE * a[:, None]), 0.0
         )
+    weights *= np.exp(log_response)
     weights /= weights.sum(axis=1, keepdims=True)
 
     size = np.array([_SIZE_FACTORS[CELL_TYPES[t]] for t in major])
