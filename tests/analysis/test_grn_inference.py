@@ -199,17 +199,45 @@ def test_planted_targets_score_above_random_in_the_grn_stage(planted_project):
     assert summary["regulators"]["not_in_vocabulary"] == ["NOTAGENE"]
     assert summary["evaluation"]["truth"]["edges"] == 12
     prevalence = metrics["prevalence"]
-    model, random = metrics["perturbation"], metrics["random"]
+    table = metrics["all"]
+    model, random = table["deletion"], table["random"]
     # The planted targets come out on top: well above the random baseline and the prevalence
-    # (the expected AUPR of a random ranking).
-    assert model["aupr"] > 4 * prevalence
-    assert model["aupr"] > random["aupr"]
+    # (the expected AUPRC of a random ranking).
+    assert model["auprc"] > 4 * prevalence
+    assert model["auprc_ratio"] == pytest.approx(model["auprc"] / prevalence)
+    assert model["auprc"] > random["auprc"]
     assert model["auroc"] > 0.8
-    assert metrics["coexpression"]["aupr"] > 4 * prevalence
+    # Two regulators hold every true edge: the interval over regulators exists and holds the
+    # estimate of the full set.
+    assert model["epr_low"] <= model["epr"] <= model["epr_high"]
+    for method in ("coexpression", "grnboost2", "genie3"):
+        assert table[method]["auprc"] > 4 * prevalence, method
+    assert set(table) == {
+        "deletion",
+        "deletion_raw",
+        "attention_mean",
+        "attention_layer",
+        "coexpression",
+        "grnboost2",
+        "genie3",
+        "random",
+    }
+    # No TF list in these params: all edges only.
+    assert "tf" not in metrics and "tf_list" not in summary["evaluation"]
+    methods = pd.read_csv(out / "methods.tsv", sep="\t")
+    assert len(methods) == len(table) and {"epr_low", "epr_high"} <= set(methods.columns)
     edges = pd.read_csv(root / "network" / "edges.tsv", sep="\t")
-    assert {"regulator_symbol", "target_symbol", "weight", "raw_weight", "coexpression"} <= set(
-        edges.columns
-    )
+    assert {
+        "regulator_symbol",
+        "target_symbol",
+        "weight",
+        "raw_weight",
+        "coexpression",
+        "attention_mean",
+        "attention_layer",
+        "grnboost2",
+        "genie3",
+    } <= set(edges.columns)
     assert set(edges["regulator_symbol"]) == {"TFA", "TFB", "TFC", "TFD"}
     top = edges.sort_values("weight", ascending=False).groupby("regulator_symbol").head(3)
     planted_top = top[top["regulator_symbol"].isin(["TFA", "TFB"])]
@@ -222,7 +250,7 @@ def test_planted_targets_score_above_random_in_the_grn_stage(planted_project):
     graph = nx.read_graphml(root / "network" / "network.graphml")
     assert graph.number_of_edges() == 4 * 10
     assert graph.nodes[gene_id(4)]["symbol"] == "TFA"
-    for name in ("network.png", "pr_curve.png"):
+    for name in ("network.png", "pr_epr.png"):
         assert (out / name).stat().st_size > 0
 
 

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from rosmap_geneformer.analysis.grn import scoring
+from rosmap_geneformer.analysis.grn import baselines, scoring
 
 # ------------------------------------------------------------------------------------------
 # Scoring and baselines
@@ -20,7 +20,10 @@ def test_score_ranking_matches_sklearn_and_hand_counts():
     scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, np.nan, 0.1])
     out = scoring.score_ranking(labels, scores, k_values=(1, 3, 8))
     filled = np.nan_to_num(scores, nan=-1.0)
-    assert out["aupr"] == pytest.approx(average_precision_score(labels, filled))
+    assert out["auprc"] == pytest.approx(average_precision_score(labels, filled))
+    assert out["auprc_ratio"] == pytest.approx(out["auprc"] / (3 / 8))
+    # EPR: 2 of the top 3 (K = 3 true edges) are true, over the positive rate 3/8.
+    assert out["epr"] == pytest.approx((2 / 3) / (3 / 8))
     assert out["auroc"] == pytest.approx(roc_auc_score(labels, filled))
     assert out["precision_at_k"] == {"1": 1.0, "3": pytest.approx(2 / 3), "8": 3 / 8}
     assert out["n_positive"] == 3
@@ -31,7 +34,7 @@ def test_spearman_scores_match_scipy():
     rng = np.random.default_rng(0)
     x = rng.poisson(3.0, size=(30, 5)).astype(float)
     x[:, 4] = 1.0  # constant column
-    rho = scoring.spearman_scores(x, 0)
+    rho = baselines.spearman_scores(x, 0)
     for j in range(4):
         assert rho[j] == pytest.approx(stats.spearmanr(x[:, 0], x[:, j]).statistic)
     assert np.isnan(rho[4])

@@ -115,10 +115,25 @@ def test_tuning_perturbation_and_network_sections_show_their_numbers(tmp_path: P
     io.write_json(
         {
             "candidate_edges": 4321,
-            "perturbation": {"aupr": 0.613, "auroc": 0.9},
-            "random": {"aupr": 0.051, "auroc": 0.5},
+            "all": {
+                "deletion": {"auprc": 0.613, "epr": 6.5},
+                "random": {"auprc": 0.051, "epr": 0.9},
+            },
+            "cases": {"indirect": {"deletion": 0.25, "random": 0.0}},
         },
         reports / "grn/metrics.json",
+    )
+    io.write_tsv(
+        pd.DataFrame(
+            {
+                "scope": ["all", "all"],
+                "method": ["deletion", "random"],
+                "epr": [6.5, 0.9],
+                "epr_low": [2.25, 0.5],
+                "epr_high": [9.0, 1.5],
+            }
+        ),
+        reports / "grn/methods.tsv",
     )
     builder = ReportBuilder(
         paths={"reports": "reports", "dvclive": "dvclive"}, tasks=["disease"], root=tmp_path
@@ -131,7 +146,8 @@ def test_tuning_perturbation_and_network_sections_show_their_numbers(tmp_path: P
     assert "0.812" in section("tuning") and "learning_rate: 0.00042" in section("tuning")
     assert "1,234" in section("perturbation") and "TREM2" in section("perturbation")
     network = section("network")
-    assert "4,321" in network and "0.613" in network and "0.051" in network
+    assert "4,321" in network and "6.5 [2.25, 9]" in network and "0.9 [0.5, 1.5]" in network
+    assert "indirect" in network and "0.25" in network
     assert {"reports/tune/best_params.yaml", "reports/grn/metrics.json"} <= set(builder.files_read)
 
     _write_outputs(tmp_path)
@@ -140,7 +156,7 @@ def test_tuning_perturbation_and_network_sections_show_their_numbers(tmp_path: P
     assert "disease    baseline   cell accuracy 0.850; patient auroc 0.500" in text
     assert "tune (disease, val_patient_auroc): best 0.812 (trial 3) vs defaults 0.750" in text
     assert "perturb delete: top genes APOE" in text
-    assert "grn AUPR: perturbation 0.613, random 0.051" in text
+    assert "grn EPR (all edges; 1 = random): deletion 6.50, random 0.90" in text
 
 
 @pytest.mark.skipif(

@@ -219,6 +219,7 @@ def test_tune_perturb_and_grn_write_their_contracts(repo: Path) -> None:
     shown = json.loads(dvc("metrics", "show", "--json", cwd=repo).stdout)
     metrics = next(iter(shown.values()))["data"]
     network = metrics["reports/grn/metrics.json"]["data"]
-    for method in ("perturbation", "coexpression", "random"):
-        assert 0 <= network[method]["aupr"] <= 1
+    for method in ("deletion", "attention_mean", "attention_layer", "grnboost2", "random"):
+        assert 0 <= network["all"][method]["auprc"] <= 1
+        assert network["all"][method]["epr_low"] <= network["all"][method]["epr_high"]
     assert metrics["reports/tune/metrics.json"]["data"]["trials"]["total"] == 2

@@ -96,12 +96,10 @@ def headline(reports: str | Path, tasks: Sequence[str]) -> str:
     perturb = _read_json(reports / "perturb" / "summary.json")
     for kind, run in sorted((perturb.get("runs") or {}).items()):
         lines.append(f"perturb {kind}: top genes {', '.join(run.get('top_genes', [])[:8])}")
-    network = _read_json(reports / "grn" / "metrics.json")
-    scored = [m for m in ("perturbation", "coexpression", "random") if m in network]
-    if scored:
+    network = _read_json(reports / "grn" / "metrics.json").get("all") or {}
+    if network:
         lines.append(
-            "grn AUPR: "
-            + ", ".join(f"{m} {network[m]['aupr']:.3f}" for m in scored)
-            + f" (prevalence {network.get('prevalence', float('nan')):.3f})"
+            "grn EPR (all edges; 1 = random): "
+            + ", ".join(f"{m} {v['epr']:.2f}" for m, v in network.items())
         )
     return "\n".join(lines)

@@ -340,11 +340,26 @@ class ReportBuilder:
         if metrics is None:
             return _missing("grn")
         summary = self.json(folder / "summary.json") or {}
-        return (
-            _warnings(summary)
-            + _scalars_and_methods(metrics)
-            + "".join(self.image(png, alt=png.stem) for png in sorted(folder.glob("*.png")))
-        )
+        scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+        body = _warnings(summary) + _key_values(scalars)
+        table = self.tsv(folder / "methods.tsv")
+        if table is not None:
+            body += (
+                "<p>Each method ranks the same candidate edges; 95% intervals from a bootstrap "
+                "over regulators. EPR: precision among the top K edges (K = true edges) over "
+                "the positive rate; 1 is random.</p>" + _table(_with_intervals(table))
+            )
+        if isinstance(metrics.get("cases"), dict):
+            body += (
+                "<p>Planted edges and decoys ranked within their regulator's top K (K = its "
+                "true edges); for decoys (indirect) lower is better.</p>"
+                + _table(pd.DataFrame(metrics["cases"]).T.reset_index(names="case"))
+            )
+        evaluation = summary.get("evaluation") or {}
+        for key in ("truth", "tf_list"):
+            if isinstance(evaluation.get(key), dict):
+                body += f"<p>{key}</p>" + _key_values(_flatten(evaluation[key]))
+        return body + "".join(self.image(png, alt=png.stem) for png in sorted(folder.glob("*.png")))
 
     def _tuning(self, reports: Path) -> str:
         folder = self._path(str(reports), "tune")
@@ -401,6 +416,20 @@ def _table(frame: pd.DataFrame) -> str:
         for row in frame.astype(object).itertuples(index=False)
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _with_intervals(table: pd.DataFrame) -> pd.DataFrame:
+    """``metric``, ``metric_low`` and ``metric_high`` columns merged into ``value [low, high]``."""
+    out = table.copy()
+    for column in [c for c in table.columns if f"{c}_low" in table.columns]:
+        out[column] = [
+            f"{_format(v)} [{_format(lo)}, {_format(hi)}]"
+            for v, lo, hi in zip(
+                table[column], table[f"{column}_low"], table[f"{column}_high"], strict=True
+            )
+        ]
+        out = out.drop(columns=[f"{column}_low", f"{column}_high"])
+    return out
 
 
 def _key_values(values: Mapping[str, Any]) -> str:

