@@ -38,6 +38,7 @@ bench: setup
 	$(PY) benchmarks/training_padding.py
 	$(PY) benchmarks/perturbation.py
 	$(PY) benchmarks/perturbation_screen.py
+	$(PY) benchmarks/grn_throughput.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
