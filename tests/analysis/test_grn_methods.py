@@ -175,6 +175,18 @@ def test_regression_baselines_leave_unknown_genes_nan() -> None:
 # Metrics
 
 
+def test_fast_ranking_metrics_equal_scikit_learns_with_ties_and_nan() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        labels = rng.random(300) < 0.08
+        scores = np.round(rng.normal(size=300) + labels, 1)  # many ties
+        scores[rng.random(300) < 0.05] = np.nan
+        fast = scoring.ranking_metrics(labels, scores)
+        slow = scoring.score_ranking(labels, scores, k_values=())
+        for key in scoring.BOOTSTRAP_METRICS:
+            assert fast[key] == pytest.approx(slow[key], rel=1e-12), key
+
+
 def test_bootstrap_over_regulators_is_paired_seeded_and_brackets_the_estimate() -> None:
     rng = np.random.default_rng(0)
     regulators = np.repeat(np.arange(8), 50)

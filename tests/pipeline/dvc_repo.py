@@ -62,7 +62,7 @@ TINY_PARAMS: dict[str, Any] = {
         "max_state_cells": 100,
         "null_size": 1000,
     },
-    "grn": {"max_cells": 10, "min_cells": 3},
+    "grn": {"max_cells": 10, "min_cells": 3, "genie3_trees": 10},
 }
 
 

@@ -487,6 +487,18 @@ MISTAKES: list[Mistake] = [
         params={"data": {"source": "rosmap"}, "grn": {"regulators": ["SOX9"]}},
     ),
     Mistake(
+        "a TF list file that is not there",
+        "grn",
+        ("grn.tf_list", "my_tfs.txt not found", "lambert2018"),
+        params={"grn": {"tf_list": "my_tfs.txt"}},
+    ),
+    Mistake(
+        "a misspelt method to compare",
+        "grn",
+        ("grn.compare", "grnbost2"),
+        params={"grn": {"compare": ["attention", "grnbost2"]}},
+    ),
+    Mistake(
         "a network model folder that is not there",
         "grn",
         ("models/nowhere",),

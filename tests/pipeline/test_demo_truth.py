@@ -42,7 +42,7 @@ TRUTH_PARAMS = {
     # Excitatory neurons: the most cells, and AD genes in both directions (APP up; BDNF, VGF,
     # NRGN down).
     "perturb": {"cell_type": "Exc", "max_cells": 100, "min_cells": 5},
-    "grn": {"max_cells": 100, "min_cells": 5},
+    "grn": {"max_cells": 100, "min_cells": 5, "genie3_trees": 20},
 }
 
 

@@ -356,6 +356,35 @@ def pr_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nda
 BOOTSTRAP_METRICS = ("auprc", "auprc_ratio", "epr", "auroc")
 
 
+def ranking_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """AUPRC, AUPRC over the prevalence, EPR and AUROC from one sort (for the bootstrap).
+
+    The same definitions as scikit-learn's ``average_precision_score`` and ``roc_auc_score``
+    (tied scores form one threshold) and :func:`early_precision`, at a fraction of the cost.
+    """
+    labels = np.asarray(labels, dtype=bool)
+    ranked = _ranked(scores)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return dict.fromkeys(BOOTSTRAP_METRICS, float("nan"))
+    order = np.argsort(-ranked, kind="stable")
+    hits = labels[order]
+    ends = np.r_[np.flatnonzero(np.diff(ranked[order])), labels.size - 1]
+    tps = np.cumsum(hits)[ends]
+    fps = ends + 1 - tps
+    recall = tps / n_pos
+    auprc = float(np.sum(np.diff(np.r_[0.0, recall]) * tps / (ends + 1)))
+    auroc = float(np.trapezoid(np.r_[0.0, recall], np.r_[0.0, fps / n_neg]))
+    prevalence = n_pos / labels.size
+    return {
+        "auprc": auprc,
+        "auprc_ratio": auprc / prevalence,
+        "epr": float(hits[:n_pos].mean()) / prevalence,
+        "auroc": auroc,
+    }
+
+
 def bootstrap_over_regulators(
     labels: np.ndarray,
     methods: Mapping[str, np.ndarray],
@@ -410,7 +439,7 @@ def bootstrap_over_regulators(
             continue
         done += 1
         for name, scores in methods.items():
-            result = score_ranking(labels[rows], np.asarray(scores)[rows], k_values=())
+            result = ranking_metrics(labels[rows], np.asarray(scores)[rows])
             for key in BOOTSTRAP_METRICS:
                 draws[name][key].append(result[key])
     tail = 100 * (1 - level) / 2

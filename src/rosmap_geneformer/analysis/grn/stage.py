@@ -32,6 +32,7 @@ from rosmap_geneformer.analysis.grn.baselines import (
 )
 from rosmap_geneformer.analysis.grn.inference import CONTROLS, infer_grn
 from rosmap_geneformer.analysis.grn.scoring import (
+    TFList,
     Truth,
     case_recovery,
     evaluate_methods,
@@ -371,6 +372,9 @@ def grn_dataset(
     from rosmap_geneformer.analysis.embeddings import hidden_layer_index
 
     layer_index = hidden_layer_index(encoder.config.num_hidden_layers, settings.emb_layer)
+    # Read the truth and the TF list first: a mistake there stops the stage before the model runs.
+    truth = load_truth(settings.truth, decoys=settings.decoys) if settings.truth else None
+    tf_list = load_tf_list(settings.tf_list) if settings.tf_list and truth else None
     types = np.asarray(dataset["cell_type"], dtype=object)
     check_names(
         settings.cell_types,
@@ -504,14 +508,13 @@ def grn_dataset(
     summary["edges"] = {"candidates": len(edges)}
 
     scoring = None
-    if settings.truth:
-        truth = load_truth(settings.truth, decoys=settings.decoys)
+    if truth is not None:
         scores = {"deletion": edges["weight"].to_numpy()}
         if settings.control != "none":
             scores["deletion_raw"] = edges["raw_weight"].to_numpy()
         scores.update({name: edges[name].to_numpy() for name in methods[2:]})
         summary["evaluation"], labels = evaluate_network(
-            edges, scores, truth, settings=settings, seed=seed, warnings=warnings
+            edges, scores, truth, tf_list, settings=settings, seed=seed, warnings=warnings
         )
         scoring = {"labels": labels, **scores}
     return edges, summary, scoring
@@ -576,6 +579,7 @@ def evaluate_network(
     edges: pd.DataFrame,
     scores: Mapping[str, np.ndarray],
     truth: Truth,
+    tf_list: TFList | None,
     *,
     settings: GRNSettings,
     seed: int,
@@ -591,8 +595,10 @@ def evaluate_network(
         Method -> score per edge.
     truth
         The truth network (and its cases and decoys).
+    tf_list
+        Transcription factors for the ``tf`` scope (``None``: all edges only).
     settings
-        ``params.yaml: grn`` (``tf_list``, ``bootstrap``, ``k``).
+        ``params.yaml: grn`` (``bootstrap``, ``k``).
     seed
         Seeds the bootstrap.
     warnings
@@ -639,8 +645,7 @@ def evaluate_network(
         "evaluable_regulators": evaluable,
     }
     scopes = {"all": np.ones(len(edges), dtype=bool)}
-    if settings.tf_list:
-        tf_list = load_tf_list(settings.tf_list)
+    if tf_list is not None:
         is_tf = np.array([r.upper() in tf_list.symbols for r in regulators], dtype=bool)
         out["tf_list"] = {
             **tf_list.source,
