@@ -199,7 +199,9 @@ def test_planted_targets_score_above_random_in_the_grn_stage(planted_project):
     assert summary["regulators"]["not_in_vocabulary"] == ["NOTAGENE"]
     assert summary["evaluation"]["truth"]["edges"] == 12
     prevalence = metrics["prevalence"]
-    table = metrics["all"]
+    assert set(metrics["all"]["deletion"]) == {"auprc", "epr"}
+    table = summary["evaluation"]["scopes"]["all"]
+    assert metrics["all"]["deletion"]["epr"] == table["deletion"]["epr"]
     model, random = table["deletion"], table["random"]
     # The planted targets come out on top: well above the random baseline and the prevalence
     # (the expected AUPRC of a random ranking).
@@ -209,7 +211,8 @@ def test_planted_targets_score_above_random_in_the_grn_stage(planted_project):
     assert model["auroc"] > 0.8
     # Two regulators hold every true edge: the interval over regulators exists and holds the
     # estimate of the full set.
-    assert model["epr_low"] <= model["epr"] <= model["epr_high"]
+    epr_low, epr_high = model["interval"]["epr"]
+    assert epr_low <= model["epr"] <= epr_high
     for method in ("coexpression", "grnboost2", "genie3"):
         assert table[method]["auprc"] > 4 * prevalence, method
     assert set(table) == {

@@ -119,9 +119,22 @@ def test_tuning_perturbation_and_network_sections_show_their_numbers(tmp_path: P
                 "deletion": {"auprc": 0.613, "epr": 6.5},
                 "random": {"auprc": 0.051, "epr": 0.9},
             },
-            "cases": {"indirect": {"deletion": 0.25, "random": 0.0}},
         },
         reports / "grn/metrics.json",
+    )
+    io.write_json(
+        {
+            "evaluation": {
+                "cases": {
+                    "indirect": {
+                        "edges": 4,
+                        "true_edges": False,
+                        "recovered": {"deletion": 0.25, "random": 0.0},
+                    }
+                }
+            }
+        },
+        reports / "grn/summary.json",
     )
     io.write_tsv(
         pd.DataFrame(

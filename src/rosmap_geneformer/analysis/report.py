@@ -349,13 +349,15 @@ class ReportBuilder:
                 "over regulators. EPR: precision among the top K edges (K = true edges) over "
                 "the positive rate; 1 is random.</p>" + _table(_with_intervals(table))
             )
-        if isinstance(metrics.get("cases"), dict):
+        evaluation = summary.get("evaluation") or {}
+        cases = evaluation.get("cases")
+        if isinstance(cases, dict) and cases:
+            recovered = {case: row["recovered"] for case, row in cases.items()}
             body += (
                 "<p>Planted edges and decoys ranked within their regulator's top K (K = its "
                 "true edges); for decoys (indirect) lower is better.</p>"
-                + _table(pd.DataFrame(metrics["cases"]).T.reset_index(names="case"))
+                + _table(pd.DataFrame(recovered).T.reset_index(names="case"))
             )
-        evaluation = summary.get("evaluation") or {}
         for key in ("truth", "tf_list"):
             if isinstance(evaluation.get(key), dict):
                 body += f"<p>{key}</p>" + _key_values(_flatten(evaluation[key]))
