@@ -88,6 +88,16 @@ def test_attention_recipes_match_the_models_own_attention(encoder: BertModel) ->
     assert (scores["attention_cells"] == edges["target"].map(lambda t: len(sums[t]))).all()
 
 
+def test_regulator_columns_are_ranked_as_in_the_full_matrix_with_ties() -> None:
+    scores = torch.tensor(
+        np.random.default_rng(0).integers(0, 5, size=(3, 9, 9)), dtype=torch.float32
+    )
+    columns = torch.tensor([0, 4, 8])
+    full = stats.rankdata(stats.rankdata(scores.numpy(), axis=2) / 9, axis=1) / 9
+    fast = attention._rank_normalise(attention._row_ranks_at(scores, columns), dim=-2)
+    np.testing.assert_array_equal(fast.numpy(), full[:, :, [0, 4, 8]].astype(np.float32))
+
+
 def test_attention_does_not_depend_on_batching(encoder: BertModel) -> None:
     cells, chosen, edges = cells_and_regulators()
     with one_thread():

@@ -114,8 +114,19 @@ def cell_attention(
     mean /= len(queries)
     q = queries[layer].float().view(n_tokens, n_heads, head_dim).transpose(0, 1)
     k = keys[layer].float().view(n_tokens, n_heads, head_dim).transpose(0, 1)
-    ranked = _rank_normalise(_rank_normalise(q @ k.transpose(1, 2), dim=-1), dim=-2)
-    return mean, ranked[:, :, columns].mean(dim=0)
+    ranked = _rank_normalise(_row_ranks_at(q @ k.transpose(1, 2), columns), dim=-2)
+    return mean, ranked.mean(dim=0)
+
+
+def _row_ranks_at(scores: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """``_rank_normalise(scores, dim=-1)[..., columns]`` without ranking the other columns:
+    only the regulators' columns are read, and their column ranks need only those."""
+    ordered = scores.sort(dim=-1).values
+    picked = scores[..., columns].contiguous()
+    below = torch.searchsorted(ordered, picked, right=False)
+    up_to = torch.searchsorted(ordered, picked, right=True)
+    ranks = (below + up_to + 1).to(torch.float32) / 2.0
+    return ranks / scores.shape[-1]
 
 
 def _batches(lengths: Sequence[int], max_tokens: int) -> Iterator[list[int]]:
