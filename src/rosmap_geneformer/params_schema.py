@@ -153,11 +153,21 @@ class Data(Section):
 
 
 class Compute(Section):
-    """How the data stages read the count matrix: never changes results, only memory and speed."""
+    """How stages use the machine: never changes results, only memory and speed."""
 
     chunk_size: int = Field(10_000, gt=0)
     workers: int | Literal["auto"] = 1
     scheduler: str | None = None
+    launcher: str = Field("python", min_length=1)
+    threads: int | Literal["auto"] = "auto"
+
+    @field_validator("threads")
+    @classmethod
+    def _positive_threads(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            msg = "use a positive integer or 'auto'"
+            raise ValueError(msg)
+        return value
 
 
 class Raw(Section):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import io
+from rosmap_geneformer import distributed, io
 from rosmap_geneformer.errors import InputError, MissingInputError, run_stage
 from rosmap_geneformer.geneformer.dictionaries import (
     GENE_MEDIAN_DICTIONARY_FILE,
@@ -36,6 +36,7 @@ from rosmap_geneformer.training.pretrain import (
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
+    distributed.configure_threads(params.compute.threads, distributed.current())
     seed = params.seed
     source = params.base_model.source
     dictionary_dir = Path(params.paths.dictionaries)
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             source=str(train_path),
             scratch_dir=Path(params.paths.checkpoints) / "base_model",
         )
+        distributed.end()
         return
     checkpoint = params.base_model.checkpoint
     if not checkpoint:

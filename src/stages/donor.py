@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rosmap_geneformer import io
+from rosmap_geneformer import distributed, io
 from rosmap_geneformer.analysis.donor.run import (
     DonorInputs,
     DonorSettings,
@@ -32,6 +32,7 @@ logger = logging.getLogger("stage.donor")
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
+    distributed.configure_threads(params.compute.threads, distributed.current())
     task = TaskSpec.from_params(args.task, params.tasks[args.task].values())
     paths = params.paths
     inputs = DonorInputs(

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from rosmap_geneformer import counts, io
+from rosmap_geneformer import counts, distributed, io
 from rosmap_geneformer.analysis import baselines, embedding_report, embeddings
 from rosmap_geneformer.errors import InputError, MissingInputError, run_stage
 from rosmap_geneformer.logs import setup_logging
@@ -30,6 +30,7 @@ OBS_COLUMNS = ("patient_id", "cell_type", "ad_status")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
+    processes = distributed.start(params.compute.threads)
     seed = params.seed
     settings = params.embed
     emb_layer = int(settings.emb_layer)
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=int(settings.batch_size),
             special_tokens=special,
             encoder=encoder,
+            processes=processes,
         )
         runtime[name] = time.perf_counter() - start
         logger.info(
@@ -83,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
             runtime[name],
         )
 
+    # The other processes helped with the models; rank 0 alone goes on and writes.
+    distributed.end(wait=False)
+    if not processes.is_main:
+        return
     reference = settings.hvg_pca
     if reference:
         table_path = Path(params.paths.sampled) / "test.parquet"

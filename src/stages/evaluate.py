@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rosmap_geneformer import io
+from rosmap_geneformer import distributed, io
 from rosmap_geneformer.analysis.evaluation.evaluate import evaluate_predictions, write_evaluation
 from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.logs import setup_logging
@@ -20,6 +20,7 @@ logger = logging.getLogger("stage.evaluate")
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
+    distributed.configure_threads(params.compute.threads, distributed.current())
     task = TaskSpec.from_params(args.task, params.tasks[args.task].values())
     model_dir = Path(params.paths.finetuned) / args.task
     mapping = finetune.load_label_mapping(model_dir)

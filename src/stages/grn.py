@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rosmap_geneformer import counts, io
+from rosmap_geneformer import counts, distributed, io
 from rosmap_geneformer.analysis import embeddings
 from rosmap_geneformer.analysis.grn import network
 from rosmap_geneformer.analysis.grn.stage import (
@@ -33,6 +33,7 @@ logger = logging.getLogger("stage.grn")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
+    processes = distributed.start(params.compute.threads)
     # Real data must not be scored against the demo's planted network with its regulators.
     check_demo_only(params, ["grn"])
     settings = GRNSettings.from_params(params.grn.values())
@@ -66,7 +67,12 @@ def main(argv: list[str] | None = None) -> None:
         pad_token_id=int(token_dictionary[PAD]),
         seed=seed,
         source=dataset_path.as_posix(),
+        processes=processes,
     )
+    # The other processes helped with the model's work; rank 0 alone goes on and writes.
+    distributed.end(wait=False)
+    if not processes.is_main:
+        return
     summary["model"] = str(model_dir)
 
     # The network (large on real data) is a cached DVC output; the small reports go to git.

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rosmap_geneformer import counts, io
+from rosmap_geneformer import counts, distributed, io
 from rosmap_geneformer.analysis import embeddings
 from rosmap_geneformer.analysis.perturbation.screen import (
     PerturbSettings,
@@ -29,6 +29,7 @@ logger = logging.getLogger("stage.perturb")
 def main(argv: list[str] | None = None) -> None:
     _, params = stage_arguments(argv, description=__doc__)
     setup_logging()
+    processes = distributed.start(params.compute.threads)
     settings = PerturbSettings.from_params(params.perturb.values())
     if params.tasks is not None:
         check_names(
@@ -62,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         pad_token_id=int(token_dictionary[PAD]),
         seed=seed,
         source=dataset_path.as_posix(),
+        processes=processes,
     )
+    # Every process holds the same tables; rank 0 alone writes them.
+    distributed.end(wait=False)
+    if not processes.is_main:
+        return
     summary["model"] = str(model_dir)
     summary["special_tokens"] = special_tokens
 

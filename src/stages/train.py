@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rosmap_geneformer import io
+from rosmap_geneformer import distributed, io
 from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import stage_arguments
@@ -20,6 +20,7 @@ from rosmap_geneformer.training.tasks import TaskSpec
 def main(argv: list[str] | None = None) -> None:
     args, params = stage_arguments(argv, description=__doc__, with_task=True)
     setup_logging()
+    distributed.configure_threads(params.compute.threads, distributed.current())
     task_params = params.tasks[args.task].values()
     task = TaskSpec.from_params(
         args.task, task_params, rare_class_limit=params.losses.rare_class_cells
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=seed,
         run_fingerprint=finetune.fingerprint(run),
     )
-    finetune.end_distributed()
+    distributed.end()
 
 
 if __name__ == "__main__":

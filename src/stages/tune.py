@@ -28,7 +28,7 @@ import optuna
 import torch
 import transformers
 
-from rosmap_geneformer import io
+from rosmap_geneformer import distributed, io
 from rosmap_geneformer.errors import InputError, MissingInputError, run_stage
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import DEFAULT_PARAMS, read_params
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(" ".join(outputs.set_args(best)) + "\n")
         return
     setup_logging()
+    distributed.configure_threads(params.compute.threads, distributed.current())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     tune = params.section("tune").values()

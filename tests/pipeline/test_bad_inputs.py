@@ -505,6 +505,12 @@ MISTAKES: list[Mistake] = [
         params={"grn": {"model": "models/nowhere"}},
     ),
     Mistake(
+        "no threads for the model stages",
+        "embed",
+        ("compute.threads", "positive integer or 'auto'"),
+        params={"compute": {"threads": 0}},
+    ),
+    Mistake(
         "a misspelt cell type to perturb",
         "perturb",
         ("perturb.cell_type", "'Micro'", "available:"),

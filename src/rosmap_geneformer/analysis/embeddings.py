@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import BertConfig, BertModel
 from transformers.utils import logging as transformers_logging
 
+from rosmap_geneformer import distributed
 from rosmap_geneformer.errors import InputError, MissingInputError
 from rosmap_geneformer.geneformer.dictionaries import CLS, EOS, PAD
 from rosmap_geneformer.geneformer.model import select_device
@@ -390,6 +391,7 @@ def cell_embeddings(
     encoder: BertModel | None = None,
     precision: str = "auto",
     emb_mode: str = "auto",
+    processes: distributed.Processes | None = None,
 ) -> np.ndarray:
     """Cell embeddings (:func:`pool_cells`) of every cell of a dataset.
 
@@ -415,6 +417,9 @@ def cell_embeddings(
         ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32`` or ``bfloat16``.
     emb_mode
         ``auto`` (``<cls>`` for V2 cells, the gene mean for V1), ``cls`` or ``cell``.
+    processes
+        Under a launcher (:func:`rosmap_geneformer.distributed.start`): the batches are shared
+        out and every process gets all embeddings, the same bytes as one process.
 
     Returns
     -------
@@ -438,12 +443,12 @@ def cell_embeddings(
     order = np.argsort(-lengths, kind="stable")
     out = np.zeros((len(dataset), encoder.config.hidden_size), dtype=np.float32)
     ids_column = dataset.select_columns(["input_ids"])
-    for start in tqdm(range(0, len(order), batch_size), desc="embed", unit="batch"):
-        rows = order[start : start + batch_size]
-        batch = ids_column.select(rows.tolist())["input_ids"]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+    def embed_rows(rows: np.ndarray) -> np.ndarray:
         cells, _ = embed_batch(
             encoder,
-            batch,
+            ids_column.select(rows.tolist())["input_ids"],
             layer_index=layer_index,
             pad_token_id=pad_token_id,
             special_tokens=special_tokens,
@@ -451,5 +456,13 @@ def cell_embeddings(
             gene_embeddings=False,
             precision=precision,
         )
+        return cells
+
+    results = distributed.ordered_across_processes(
+        batches, embed_rows, processes or distributed.Processes()
+    )
+    for rows, cells in zip(
+        batches, tqdm(results, total=len(batches), desc="embed", unit="batch"), strict=True
+    ):
         out[rows] = cells
     return out

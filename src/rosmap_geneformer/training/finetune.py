@@ -416,15 +416,6 @@ def fine_tune(
     return summary
 
 
-def end_distributed() -> None:
-    """Under ``torchrun``: wait for every process (rank 0 saves the model), then tear the
-    process group down. A rank that exits with the group alive can abort in gloo's teardown
-    ("terminate called without an active exception"), failing the whole launch."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 def without_wall_clock(metrics: Mapping[str, Any]) -> dict[str, Any]:
     """``metrics`` without Trainer's timings (``runtime``, ``*_per_second``,
     ``model_preparation_time``), which differ from run to run: what goes into a DVC-cached

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, TrainingArguments
 
+from rosmap_geneformer import distributed
 from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.geneformer.model import DeviceSettings, select_device, validate_checkpoint
 from rosmap_geneformer.io import atomic_output
@@ -250,20 +251,33 @@ def _training_arguments(
 
 
 @contextlib.contextmanager
-def _scratch(path: str | Path | None) -> Iterator[Path]:
+def _scratch(path: str | Path | None, *, owner: bool = True) -> Iterator[Path]:
     """Trainer's working folder: ``path`` (a fixed name keeps the logged arguments the same
-    from run to run) or a temporary folder; emptied afterwards either way."""
+    from run to run) or a temporary folder; emptied afterwards either way. Under a launcher
+    only rank 0 (the ``owner``, which saves Trainer's checkpoints) empties it."""
     if path is None:
         with tempfile.TemporaryDirectory(prefix="rosmap-pretrain-") as tmp:
             yield Path(tmp)
         return
     path = Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+    if owner:
+        shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, exist_ok=True)
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if owner:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _model_output(path: Path, *, owner: bool) -> Iterator[Path | None]:
+    """``atomic_output`` for rank 0; ``None`` for the launcher's other processes."""
+    if not owner:
+        yield None
+        return
+    with atomic_output(path) as tmp:
+        yield tmp
 
 
 def pretrain(
@@ -358,10 +372,12 @@ def pretrain(
     logger.info("model: %s parameters, %s", f"{n_parameters:,}", _architecture(config))
 
     output_dir, live_dir = Path(output_dir), None if live_dir is None else Path(live_dir)
+    # Under a launcher every process trains (Trainer's DistributedDataParallel); rank 0 writes.
+    owner = distributed.current().is_main
     with (
-        atomic_output(output_dir) as model_tmp,
-        live_output(live_dir) as live_tmp,
-        _scratch(scratch_dir) as scratch,
+        _model_output(output_dir, owner=owner) as model_tmp,
+        live_output(live_dir if owner else None) as live_tmp,
+        _scratch(scratch_dir, owner=owner) as scratch,
     ):
         args = _training_arguments(
             settings,
@@ -414,8 +430,9 @@ def pretrain(
             # No wall-clock time here: this file is DVC-cached data and must be the same bytes
             # on every run (dvclive's train/runtime keeps the time).
         }
-        model_tmp.mkdir()
-        _save(trainer.model, model_tmp, summary)
+        if model_tmp is not None:
+            model_tmp.mkdir()
+            _save(trainer.model, model_tmp, summary)
     logger.info(
         "pretrained in %.0f s: eval loss %s -> %s",
         train_seconds,

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BertModel
 
+from rosmap_geneformer import distributed
 from rosmap_geneformer.analysis.perturbation.engine import gene_slice
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ def attention_edges(
     pad_token_id: int = 0,
     progress: bool = True,
     stats: AttentionStats | None = None,
+    processes: distributed.Processes | None = None,
 ) -> pd.DataFrame:
     """Score candidate edges by attention, over each regulator's cells.
 
@@ -181,6 +183,9 @@ def attention_edges(
         Show a progress bar.
     stats
         Filled with counters when given.
+    processes
+        Under a launcher: the batches of cells are shared out and every process gets the same
+        scores as one process (:func:`rosmap_geneformer.distributed.ordered_across_processes`).
 
     Returns
     -------
@@ -205,26 +210,28 @@ def attention_edges(
     sums = np.zeros((2, len(index), vocab), dtype=np.float64)
     counts = np.zeros((len(index), vocab), dtype=np.int64)
     start = time.perf_counter()
-    bar = tqdm(total=len(order), desc="attention", unit="cell", disable=not progress)
-    with torch.inference_mode(), _queries_and_keys(encoder) as captured:
-        for group in _batches([len(cells[c]) for c in order], max_tokens):
-            rows = [np.asarray(cells[order[i]], dtype=np.int64) for i in group]
-            width = max(len(r) for r in rows)
-            ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)] = row
-                mask[i, : len(row)] = 1
+    groups = list(_batches([len(cells[c]) for c in order], max_tokens))
+    bar = tqdm(total=len(groups), desc="attention", unit="batch", disable=not progress)
+
+    def read_group(group: list[int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per cell of the group: its tokens and both recipes' tokens x regulators."""
+        rows = [np.asarray(cells[order[i]], dtype=np.int64) for i in group]
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        out = []
+        with torch.inference_mode(), _queries_and_keys(encoder) as captured:
             encoder(
                 input_ids=torch.from_numpy(ids).to(device),
                 attention_mask=torch.from_numpy(mask).to(device),
             )
-            stats.forward_passes += 1
             for i, row in enumerate(rows):
                 n = len(row)
-                window = gene_slice(n, special_tokens=special_tokens)
-                regulators = per_cell[order[group[i]]]
                 where = {int(t): p for p, t in enumerate(row.tolist())}
+                regulators = per_cell[order[group[i]]]
                 columns = torch.tensor([where[r] for r in regulators], dtype=torch.long)
                 mean, ranked = cell_attention(
                     [captured[j]["query"][i, :n].cpu() for j in range(n_layers)],
@@ -233,17 +240,27 @@ def attention_edges(
                     layer=layer,
                     columns=columns,
                 )
-                targets = row[window]
-                for col, r in enumerate(regulators):
-                    keep = targets != r
-                    k = index[r]
-                    rows_kept = np.arange(window.start, window.stop)[keep]
-                    sums[0, k, targets[keep]] += mean[rows_kept, col].numpy()
-                    sums[1, k, targets[keep]] += ranked[rows_kept, col].numpy()
-                    counts[k, targets[keep]] += 1
-                stats.cells += 1
-                stats.tokens += n
-            bar.update(len(group))
+                out.append((row, mean.numpy(), ranked.numpy()))
+        return out
+
+    results = distributed.ordered_across_processes(
+        groups, read_group, processes or distributed.Processes()
+    )
+    for group, read in zip(groups, results, strict=True):
+        stats.forward_passes += 1
+        for i, (row, mean, ranked) in zip(group, read, strict=True):
+            window = gene_slice(len(row), special_tokens=special_tokens)
+            targets = row[window]
+            for col, r in enumerate(per_cell[order[i]]):
+                keep = targets != r
+                k = index[r]
+                rows_kept = np.arange(window.start, window.stop)[keep]
+                sums[0, k, targets[keep]] += mean[rows_kept, col]
+                sums[1, k, targets[keep]] += ranked[rows_kept, col]
+                counts[k, targets[keep]] += 1
+            stats.cells += 1
+            stats.tokens += len(row)
+        bar.update()
     bar.close()
     stats.seconds += time.perf_counter() - start
     reg = np.array([index[int(r)] for r in edges["regulator"]], dtype=np.int64)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from transformers import BertModel
 
+from rosmap_geneformer import distributed
 from rosmap_geneformer.analysis.perturbation.engine import (
     DEFAULT_MAX_TOKENS,
     EngineStats,
@@ -110,6 +111,7 @@ def infer_grn(
     precision: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    processes: distributed.Processes | None = None,
 ) -> GRNResult:
     """Delete each regulator in the cells that express it and score every remaining gene.
 
@@ -143,6 +145,9 @@ def infer_grn(
         Seed of the cell subsets.
     progress
         Show a progress bar.
+    processes
+        Under a launcher: the deletions are shared out (see ``perturb_cells``); every process
+        returns the same edges.
 
     Returns
     -------
@@ -201,6 +206,7 @@ def infer_grn(
         precision=precision,
         progress=progress,
         engine_stats=engine,
+        processes=processes,
     ):
         row_of = {t: k for k, t in enumerate(result.tokens.tolist())}
         wanted = per_cell[result.cell]

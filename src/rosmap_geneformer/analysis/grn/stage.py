@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from transformers import BertModel
 
+from rosmap_geneformer import distributed
 from rosmap_geneformer.analysis.embeddings import PRECISIONS
 from rosmap_geneformer.analysis.grn.attention import (
     ATTENTION_METHODS,
@@ -327,6 +328,7 @@ def grn_dataset(
     seed: int = 0,
     progress: bool = True,
     source: str = "the tokenized dataset",
+    processes: distributed.Processes | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, np.ndarray] | None]:
     """The ``grn`` stage: infer edges by deletion, add the baselines, score against the truth.
 
@@ -356,6 +358,10 @@ def grn_dataset(
         Show progress bars.
     source
         Where ``dataset`` was read (named in the messages).
+    processes
+        Under a launcher: the deletions and the attention read-out are shared out. Ranks other
+        than 0 return after them (edges with the model's columns, no baselines, no scoring):
+        rank 0 alone runs the expression baselines and writes.
 
     Returns
     -------
@@ -429,6 +435,7 @@ def grn_dataset(
         precision=settings.precision,
         seed=seed,
         progress=progress,
+        processes=processes,
     )
     token_name = {t: n for n, t in found.items()}
     n_cells = {token_name[t]: len(c) for t, c in result.cells.items()}
@@ -469,6 +476,7 @@ def grn_dataset(
             pad_token_id=pad_token_id,
             progress=progress,
             stats=stats,
+            processes=processes,
         )
         edges = pd.concat([edges, scores[list(ATTENTION_METHODS)]], axis=1)
         summary["engine"]["attention"] = {
@@ -476,6 +484,8 @@ def grn_dataset(
             "tokens": stats.tokens,
             "forward_passes": stats.forward_passes,
         }
+    if processes is not None and not processes.is_main:
+        return edges, summary, None
     expression = _expression_baselines(
         edges,
         result.cells,

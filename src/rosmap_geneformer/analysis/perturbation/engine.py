@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import BertModel
 
+from rosmap_geneformer import distributed
 from rosmap_geneformer.analysis.embeddings import hidden_states, pool_cells
 from rosmap_geneformer.errors import InputError
 
@@ -285,6 +286,7 @@ def perturb_cells(
     precision: str = "auto",
     progress: bool = True,
     engine_stats: EngineStats | None = None,
+    processes: distributed.Processes | None = None,
 ) -> Iterator[CellPerturbations]:
     """Run single-gene perturbations of many cells, batched, and yield their embeddings.
 
@@ -319,6 +321,10 @@ def perturb_cells(
         Show a tqdm bar over perturbations.
     engine_stats
         Filled with counters and wall time when given.
+    processes
+        Under a launcher (:func:`rosmap_geneformer.distributed.start`): the chunks of cells are
+        shared out round-robin and every process gets every result in the one-process order,
+        the same bytes (same batches); the counters are summed over processes.
 
     Yields
     ------
@@ -335,13 +341,24 @@ def perturb_cells(
     total = int(counts[order].sum()) if order else 0
     engine_stats = engine_stats if engine_stats is not None else EngineStats()
     start_time = time.perf_counter()
-    bar = tqdm(total=total, desc=f"perturb ({perturb_type})", unit="pert", disable=not progress)
     # A chunk holds enough perturbations for a few full forward passes, so that short cells share
     # batches, while the originals' gene embeddings held for gene mode stay bounded.
     costs = [int(counts[i] * lengths[i]) for i in order]
-    try:
-        for chunk in _chunks(order, costs, budget=4 * max_tokens):
-            yield from _run_chunk(
+    chunks = list(_chunks(order, costs, budget=4 * max_tokens))
+    processes = processes or distributed.Processes()
+    if processes.world_size > 1:
+        total = sum(
+            int(counts[chunk].sum())
+            for k, chunk in enumerate(chunks)
+            if k % processes.world_size == processes.rank
+        )
+    bar = tqdm(total=total, desc=f"perturb ({perturb_type})", unit="pert", disable=not progress)
+    counters = ("cells", "perturbations", "forward_passes", "tokens")
+    before = [getattr(engine_stats, name) for name in counters]
+
+    def run(chunk: list[int]) -> list[CellPerturbations]:
+        return list(
+            _run_chunk(
                 encoder,
                 cells,
                 positions,
@@ -357,6 +374,21 @@ def perturb_cells(
                 engine_stats=engine_stats,
                 bar=bar,
             )
+        )
+
+    try:
+        if processes.world_size == 1:
+            for chunk in chunks:
+                yield from run(chunk)
+        else:
+            for results in distributed.ordered_across_processes(chunks, run, processes):
+                yield from results
+            mine = [
+                getattr(engine_stats, name) - b for name, b in zip(counters, before, strict=True)
+            ]
+            summed = distributed.sum_over_processes(mine, processes)
+            for name, b, value in zip(counters, before, summed, strict=True):
+                setattr(engine_stats, name, b + int(value))
     finally:
         bar.close()
         engine_stats.seconds += time.perf_counter() - start_time

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from transformers import BertModel
 
+from rosmap_geneformer import distributed
 from rosmap_geneformer.analysis.embeddings import truncate_encoder
 from rosmap_geneformer.analysis.perturbation.engine import (
     DEFAULT_MAX_TOKENS,
@@ -234,6 +235,7 @@ def estimate_deletions(
     precision: str = "auto",
     progress: bool = True,
     stats: EstimateStats | None = None,
+    processes: distributed.Processes | None = None,
 ) -> Iterator[EstimatedCell]:
     """Estimate every single-gene deletion of many cells (see the module docstring).
 
@@ -247,9 +249,10 @@ def estimate_deletions(
         Per cell, the positions to delete, one deletion each, in increasing order.
     centroids
         State -> centroid embedding (same model and layer).
-    layer_index, special_tokens, max_tokens, pad_token_id, precision, progress
+    layer_index, special_tokens, max_tokens, pad_token_id, precision, progress, processes
         As :func:`~rosmap_geneformer.analysis.perturbation.engine.perturb_cells` (``precision``
-        applies to the exact grid; the backward pass runs in float32).
+        applies to the exact grid; the backward pass runs in float32). Under a launcher only the
+        exact grid is shared out: every process runs the backward passes of every cell.
     grid
         Exact deletions per cell.
     stats
@@ -281,6 +284,7 @@ def estimate_deletions(
         precision=precision,
         progress=progress,
         engine_stats=stats.engine,
+        processes=processes,
     ):
         i = result.cell
         pos, grid_at = positions[i], at_grid[i]

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from transformers import BertModel
 
+from rosmap_geneformer import distributed
 from rosmap_geneformer.analysis.embeddings import PRECISIONS
 from rosmap_geneformer.analysis.perturbation.engine import (
     DEFAULT_MAX_TOKENS,
@@ -131,6 +132,7 @@ def run_state_perturbation(
     seed: int = 0,
     progress: bool = True,
     screen: ScreenSettings | None = None,
+    processes: distributed.Processes | None = None,
 ) -> PerturbationResult:
     """Perturb ``genes`` one at a time in every cell and test the shifts towards each state.
 
@@ -161,6 +163,9 @@ def run_state_perturbation(
         Show a progress bar.
     screen
         ``exact`` (default) or ``estimate`` then exact confirmation (:class:`ScreenSettings`).
+    processes
+        Under a launcher: the perturbations are shared out (see ``perturb_cells``); every
+        process returns the same table.
 
     Returns
     -------
@@ -184,6 +189,7 @@ def run_state_perturbation(
         "pad_token_id": pad_token_id,
         "precision": precision,
         "progress": progress,
+        "processes": processes,
     }
     tests = {"goal_state": goal_state, "rank_by": rank_by, "null_size": null_size, "seed": seed}
     engine = EngineStats()
@@ -355,6 +361,7 @@ def perturb_dataset(
     seed: int = 0,
     progress: bool = True,
     source: str | None = None,
+    processes: distributed.Processes | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """The ``perturb`` stage: select cells, compute state centroids, perturb, test, rank.
 
@@ -379,6 +386,9 @@ def perturb_dataset(
         Show progress bars.
     source
         Where ``dataset`` was read (named in the messages).
+    processes
+        Under a launcher: the embeddings and perturbations are shared out; every process
+        returns the same tables and summary.
 
     Returns
     -------
@@ -475,6 +485,7 @@ def perturb_dataset(
             batch_size=settings.batch_size,
             special_tokens=special_tokens,
             encoder=encoder,
+            processes=processes,
         )
         centroids[state] = emb.astype(np.float64).mean(axis=0)
         centroid_cells[state] = int(rows.size)
@@ -520,6 +531,7 @@ def perturb_dataset(
             seed=seed,
             progress=progress,
             screen=settings.screen,
+            processes=processes,
         )
         table = annotate_table(
             result.table,
