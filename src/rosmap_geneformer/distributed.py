@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -186,3 +187,23 @@ def sum_over_processes(values: Sequence[float], processes: Processes) -> list[fl
     tensor = torch.tensor(list(values), dtype=torch.float64)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a process group started by hand."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launcher_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The variables ``torchrun --standalone`` gives process ``rank`` on one machine, for
+    processes started by hand (``torch.multiprocessing``: tests, benchmarks)."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": str(world_size),
+    }

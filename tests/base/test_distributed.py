@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -54,24 +53,9 @@ def test_the_launchers_environment_gives_the_place(monkeypatch) -> None:
         distributed.current()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _share(rank: int, world_size: int, port: int, queue: mp.Queue) -> None:
-    os.environ.update(
-        {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world_size),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world_size),
-            "OMP_NUM_THREADS": "1",
-        }
-    )
+    os.environ.update(distributed.launcher_environment(rank, world_size, port))
+    os.environ["OMP_NUM_THREADS"] = "1"
     processes = distributed.start("auto")
     units = list(range(7))
     results = list(
@@ -85,7 +69,7 @@ def _share(rank: int, world_size: int, port: int, queue: mp.Queue) -> None:
 
 
 def test_work_is_shared_round_robin_and_every_rank_gets_it_in_order() -> None:
-    port = _free_port()
+    port = distributed.free_port()
     context = mp.get_context("spawn")
     queue = context.Queue()
     workers = [context.Process(target=_share, args=(r, 2, port, queue)) for r in range(2)]
