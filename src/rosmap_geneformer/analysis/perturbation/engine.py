@@ -356,24 +356,22 @@ def perturb_cells(
     counters = ("cells", "perturbations", "forward_passes", "tokens")
     before = [getattr(engine_stats, name) for name in counters]
 
-    def run(chunk: list[int]) -> list[CellPerturbations]:
-        return list(
-            _run_chunk(
-                encoder,
-                cells,
-                positions,
-                chunk,
-                perturb_type=perturb_type,
-                layer_index=layer_index,
-                special_tokens=special_tokens,
-                gene_mode=gene_mode,
-                max_tokens=max_tokens,
-                pad_token_id=pad_token_id,
-                precision=precision,
-                device=device,
-                engine_stats=engine_stats,
-                bar=bar,
-            )
+    def run(chunk: list[int]) -> Iterator[CellPerturbations]:
+        return _run_chunk(
+            encoder,
+            cells,
+            positions,
+            chunk,
+            perturb_type=perturb_type,
+            layer_index=layer_index,
+            special_tokens=special_tokens,
+            gene_mode=gene_mode,
+            max_tokens=max_tokens,
+            pad_token_id=pad_token_id,
+            precision=precision,
+            device=device,
+            engine_stats=engine_stats,
+            bar=bar,
         )
 
     try:
@@ -381,7 +379,10 @@ def perturb_cells(
             for chunk in chunks:
                 yield from run(chunk)
         else:
-            for results in distributed.ordered_across_processes(chunks, run, processes):
+            shared = distributed.ordered_across_processes(
+                chunks, lambda chunk: list(run(chunk)), processes
+            )
+            for results in shared:
                 yield from results
             mine = [
                 getattr(engine_stats, name) - b for name, b in zip(counters, before, strict=True)
