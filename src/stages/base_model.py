@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         distributed.end()
         return
+    if not distributed.current().is_main:
+        return  # importing a checkpoint is one process's work; rank 0 writes it
     checkpoint = params.base_model.checkpoint
     if not checkpoint:
         msg = (
