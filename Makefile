@@ -39,6 +39,7 @@ bench: setup
 	$(PY) benchmarks/perturbation.py
 	$(PY) benchmarks/perturbation_screen.py
 	$(PY) benchmarks/grn_throughput.py
+	$(PY) benchmarks/processes.py
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
