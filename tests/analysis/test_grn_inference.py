@@ -199,7 +199,9 @@ def test_planted_targets_score_above_random_in_the_grn_stage(planted_project):
     assert summary["regulators"]["not_in_vocabulary"] == ["NOTAGENE"]
     assert summary["evaluation"]["truth"]["edges"] == 12
     prevalence = metrics["prevalence"]
-    assert set(metrics["all"]["deletion"]) == {"auprc", "epr"}
+    assert set(metrics["all"]["deletion"]) == {
+        f"{m}{end}" for m in ("auprc", "epr") for end in ("", "_low", "_high")
+    }
     table = summary["evaluation"]["scopes"]["all"]
     assert metrics["all"]["deletion"]["epr"] == table["deletion"]["epr"]
     model, random = table["deletion"], table["random"]

@@ -130,8 +130,9 @@ def test_dvc_metrics_are_the_headline_results() -> None:
             if "${key}" not in path:
                 break
     # 151 before the donor stage, which adds its 4 headline figures per method (28); grn shows
-    # AUPRC and EPR per method and EPR on TF regulators (27 for its 8 methods, 183 in all).
-    assert 0 < total <= 190, total
+    # AUPRC and EPR per method and EPR on TF regulators, each with its interval (75 for its 8
+    # methods, 231 in all; issue #18 asks for the intervals among the DVC metrics).
+    assert 0 < total <= 240, total
 
 
 def test_shipped_params_yaml_fits_the_schema() -> None:
