@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 
 from rosmap_geneformer.errors import InputError
-from rosmap_geneformer.parallel import available_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -139,11 +138,11 @@ def configure_threads(threads: int | str, processes: Processes) -> int:
     torch.set_num_threads(chosen)
     logger.info(
         "compute.threads=%s: %d torch thread(s) per process, %d process(es) on this machine, "
-        "%d CPU(s) available",
+        "%s CPU(s) in it",
         threads,
         chosen,
         processes.local_world_size,
-        available_cpus(),
+        os.cpu_count(),
     )
     return chosen
 

@@ -67,7 +67,7 @@ def test_each_stage_depends_on_exactly_the_code_it_runs() -> None:
     graph = grimp.build_graph(LIBRARY)
     problems = []
     for name, stage in sorted(_stages().items()):
-        script = re.search(r"python (src/stages/\S+\.py)", stage["cmd"]).group(1)
+        script = re.search(r"(src/stages/\S+\.py)", stage["cmd"]).group(1)
         expected = {script} | {
             _module_file(m) for m in _imported_library_modules(ROOT / script, graph)
         }
