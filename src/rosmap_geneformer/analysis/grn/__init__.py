@@ -11,4 +11,5 @@
 - :mod:`rosmap_geneformer.analysis.grn.network`: the outputs: strongest edges, the graph, GraphML
   and the plots.
 - :mod:`rosmap_geneformer.analysis.grn.stage`: the ``grn`` stage's settings and computation.
+- :mod:`rosmap_geneformer.analysis.grn.tables`: the stage's headline metrics and method x metric table.
 """
