@@ -12,7 +12,7 @@ from scipy import stats
 from transformers import BertModel
 
 from builders import one_thread, tiny_geneformer_config
-from rosmap_geneformer.analysis.perturbation import engine
+from rosmap_geneformer.analysis.perturbation import encodings, engine
 
 VOCAB = 80
 
@@ -29,28 +29,28 @@ def single_thread() -> Iterator[None]:
 
 
 def test_delete_tokens_v1_and_v2():
-    assert engine.delete_tokens([7, 5, 9, 4], [9]).tolist() == [7, 5, 4]
-    assert engine.delete_tokens([7, 5, 9, 4], [9, 7]).tolist() == [5, 4]
-    assert engine.delete_tokens([2, 7, 5, 9, 3], [5]).tolist() == [2, 7, 9, 3]
-    assert engine.delete_tokens([7, 5], [11]).tolist() == [7, 5]  # absent: unchanged
+    assert encodings.delete_tokens([7, 5, 9, 4], [9]).tolist() == [7, 5, 4]
+    assert encodings.delete_tokens([7, 5, 9, 4], [9, 7]).tolist() == [5, 4]
+    assert encodings.delete_tokens([2, 7, 5, 9, 3], [5]).tolist() == [2, 7, 9, 3]
+    assert encodings.delete_tokens([7, 5], [11]).tolist() == [7, 5]  # absent: unchanged
 
 
 def test_overexpress_present_genes_move_to_the_front():
     # V1: position 0; several genes keep their original relative order.
-    assert engine.overexpress_tokens([7, 5, 9, 4], [4], special_tokens=False).tolist() == [
+    assert encodings.overexpress_tokens([7, 5, 9, 4], [4], special_tokens=False).tolist() == [
         4,
         7,
         5,
         9,
     ]
-    assert engine.overexpress_tokens([7, 5, 9, 4], [4, 5], special_tokens=False).tolist() == [
+    assert encodings.overexpress_tokens([7, 5, 9, 4], [4, 5], special_tokens=False).tolist() == [
         5,
         4,
         7,
         9,
     ]
     # V2: right after <cls>; <eos> stays last.
-    assert engine.overexpress_tokens([2, 7, 5, 9, 3], [9], special_tokens=True).tolist() == [
+    assert encodings.overexpress_tokens([2, 7, 5, 9, 3], [9], special_tokens=True).tolist() == [
         2,
         9,
         7,
@@ -60,14 +60,14 @@ def test_overexpress_present_genes_move_to_the_front():
 
 
 def test_overexpress_absent_genes_are_inserted_and_truncated():
-    assert engine.overexpress_tokens(
+    assert encodings.overexpress_tokens(
         [7, 5, 9, 4], [11], special_tokens=False, max_length=4
     ).tolist() == [11, 7, 5, 9]
     # V2 keeps <eos> as the last token after truncation.
-    assert engine.overexpress_tokens(
+    assert encodings.overexpress_tokens(
         [2, 7, 5, 9, 3], [11], special_tokens=True, max_length=5
     ).tolist() == [2, 11, 7, 5, 3]
-    assert engine.overexpress_tokens(
+    assert encodings.overexpress_tokens(
         [2, 7, 5, 3], [5, 11], special_tokens=True, max_length=8
     ).tolist() == [2, 5, 11, 7, 3]
 
@@ -78,25 +78,25 @@ def test_perturbation_batch_equals_one_encoding_per_gene(special, perturb_type):
     rng = np.random.default_rng(0)
     genes = rng.choice(np.arange(4, VOCAB), size=17, replace=False).astype(np.int16)
     ids = np.concatenate([[2], genes, [3]]).astype(np.int16) if special else genes
-    window = engine.gene_slice(len(ids), special_tokens=special)
+    window = encodings.gene_slice(len(ids), special_tokens=special)
     positions = np.arange(window.start, window.stop)
-    batch, index = engine.perturbation_batch(
+    batch, index = encodings.perturbation_batch(
         ids, positions, perturb_type=perturb_type, special_tokens=special
     )
     assert batch.dtype == ids.dtype
     for row, p in enumerate(positions):
         token = [ids[p]]
         if perturb_type == "delete":
-            expected = engine.delete_tokens(ids, token)
+            expected = encodings.delete_tokens(ids, token)
         else:
-            expected = engine.overexpress_tokens(ids, token, special_tokens=special)
+            expected = encodings.overexpress_tokens(ids, token, special_tokens=special)
         np.testing.assert_array_equal(batch[row], expected)
         np.testing.assert_array_equal(ids[index[row]], expected)
 
 
 def test_perturbation_batch_refuses_special_positions():
     with pytest.raises(ValueError, match="non-gene position"):
-        engine.perturbation_batch([2, 7, 5, 3], [0], perturb_type="delete", special_tokens=True)
+        encodings.perturbation_batch([2, 7, 5, 3], [0], perturb_type="delete", special_tokens=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_batched_shifts_equal_naive_forward_passes(random_encoder, special, pert
     rng = np.random.default_rng(2)
     positions = []
     for ids in cells:
-        window = engine.gene_slice(len(ids), special_tokens=special)
+        window = encodings.gene_slice(len(ids), special_tokens=special)
         candidates = np.arange(window.start + 1, window.stop)
         positions.append(np.sort(rng.choice(candidates, size=5, replace=False)))
     positions[2] = positions[2][:0]  # a cell with nothing to perturb is skipped
@@ -168,7 +168,7 @@ def test_batched_shifts_equal_naive_forward_passes(random_encoder, special, pert
 @pytest.mark.parametrize("special", [False, True])
 def test_gene_mode_aligns_remaining_genes(random_encoder, special):
     cells = cells_for(3, special=special, seed=5)
-    window = [engine.gene_slice(len(c), special_tokens=special) for c in cells]
+    window = [encodings.gene_slice(len(c), special_tokens=special) for c in cells]
     positions = [np.array([w.start, w.start + 3]) for w in window]
     results = engine.perturb_cells(
         random_encoder,

@@ -3,17 +3,20 @@ screen) and for the V2 cell embedding (``<cls>``) the perturbation engine reads.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 from scipy import stats
 from transformers import BertModel
 
 from builders import one_thread, tiny_geneformer_config
+from rosmap_geneformer import distributed
 from rosmap_geneformer.analysis import embeddings
-from rosmap_geneformer.analysis.perturbation import engine, estimate
+from rosmap_geneformer.analysis.perturbation import encodings, engine, estimate
 from rosmap_geneformer.analysis.perturbation.estimate import ScreenSettings
 from rosmap_geneformer.errors import InputError
 
@@ -67,7 +70,7 @@ def full_model_states(encoder: BertModel, ids: np.ndarray) -> torch.Tensor:
 
 
 def gene_positions(ids: np.ndarray, special: bool) -> np.ndarray:
-    window = engine.gene_slice(len(ids), special_tokens=special)
+    window = encodings.gene_slice(len(ids), special_tokens=special)
     return np.arange(window.start, window.stop)
 
 
@@ -205,6 +208,80 @@ def test_estimate_with_a_grid_over_every_position_is_the_exact_run(encoder):
     for e in estimate.estimate_deletions(encoder, cells, positions, centroids, grid=10, **common):
         assert e.exact.all()
         np.testing.assert_allclose(e.cell_cosines, exact[e.cell].cell_cosines, atol=1e-7)
+
+
+def _estimate_on_rank(rank: int, world_size: int, port: int, model_dir: str, queue) -> None:
+    os.environ.update(distributed.launcher_environment(rank, world_size, port))
+    processes = distributed.start(1)
+    backward_cells: list[int] = []
+    own_effects = estimate.own_effects
+
+    def counted(encoder_, ids, *args, **kwargs):
+        backward_cells.append(len(ids))
+        return own_effects(encoder_, ids, *args, **kwargs)
+
+    estimate.own_effects = counted
+    encoder_ = BertModel.from_pretrained(model_dir).eval()
+    cells = random_cells(5, length=30, special=False, seed=21)
+    positions = [gene_positions(c, False) for c in cells]
+    rng = np.random.default_rng(22)
+    centroids = {s: rng.normal(size=encoder_.config.hidden_size) for s in ("goal", "start")}
+    stats_ = estimate.EstimateStats()
+    results = [
+        (e.cell, e.shifts, e.cell_cosines, e.exact)
+        for e in estimate.estimate_deletions(
+            encoder_,
+            cells,
+            positions,
+            centroids,
+            layer_index=LAYER,
+            special_tokens=False,
+            grid=6,
+            progress=False,
+            stats=stats_,
+            processes=processes,
+        )
+    ]
+    queue.put((rank, results, len(backward_cells), stats_.backward_passes))
+    distributed.end()
+
+
+def test_backward_passes_are_shared_over_processes_with_the_same_estimates(encoder, tmp_path):
+    encoder.save_pretrained(tmp_path / "model")
+    port = distributed.free_port()
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    alone = context.Queue()
+    single = context.Process(
+        target=_estimate_on_rank, args=(0, 1, port, str(tmp_path / "model"), alone)
+    )
+    single.start()
+    reference = alone.get(timeout=300)
+    single.join(timeout=60)
+    port = distributed.free_port()
+    workers = [
+        context.Process(target=_estimate_on_rank, args=(r, 2, port, str(tmp_path / "model"), queue))
+        for r in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    reports = sorted(queue.get(timeout=300) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    # One process: 5 cells, 2 readouts each. Two: cells 0, 2, 4 on rank 0 and 1, 3 on rank 1.
+    assert reference[2:] == (5, 10)
+    assert [r[2] for r in reports] == [3, 2]
+    for _, results, _, passes in reports:
+        assert passes == 10  # every rank counts them all
+        assert [cell for cell, *_ in results] == [cell for cell, *_ in reference[1]]
+        for (_, shifts, cosines, exact), (_, ref_shifts, ref_cosines, ref_exact) in zip(
+            results, reference[1], strict=True
+        ):
+            np.testing.assert_array_equal(exact, ref_exact)
+            np.testing.assert_array_equal(cosines, ref_cosines)
+            for state, values in shifts.items():
+                np.testing.assert_array_equal(values, ref_shifts[state])
 
 
 def test_estimate_refuses_bad_positions_and_grids(encoder):

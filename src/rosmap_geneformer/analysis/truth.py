@@ -14,7 +14,7 @@ import pandas as pd
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from rosmap_geneformer.analysis.perturbation.engine import PERTURB_TYPES
+from rosmap_geneformer.analysis.perturbation.encodings import PERTURB_TYPES
 from rosmap_geneformer.data.gene_map import map_symbols
 from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.io import read_table

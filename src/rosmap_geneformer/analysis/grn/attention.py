@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import BertModel
 
 from rosmap_geneformer import distributed
-from rosmap_geneformer.analysis.perturbation.engine import gene_slice
+from rosmap_geneformer.analysis.perturbation.encodings import gene_slice
 
 logger = logging.getLogger(__name__)
 

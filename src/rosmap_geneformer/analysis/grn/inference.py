@@ -20,10 +20,10 @@ import pandas as pd
 from transformers import BertModel
 
 from rosmap_geneformer import distributed
+from rosmap_geneformer.analysis.perturbation.encodings import gene_slice
 from rosmap_geneformer.analysis.perturbation.engine import (
     DEFAULT_MAX_TOKENS,
     EngineStats,
-    gene_slice,
     perturb_cells,
 )
 from rosmap_geneformer.errors import InputError

@@ -1,7 +1,9 @@
 """In silico perturbation with Geneformer's semantics (``geneformer-spec.md`` section 7).
 
-- :mod:`rosmap_geneformer.analysis.perturbation.engine`: the perturbed encodings (deletion,
-  overexpression) and the batched forward passes that embed them; one place for its speed.
+- :mod:`rosmap_geneformer.analysis.perturbation.encodings`: the perturbed encodings (deletion,
+  overexpression) of a cell's tokens.
+- :mod:`rosmap_geneformer.analysis.perturbation.engine`: the batched forward passes that embed
+  them; one place for its speed.
 - :mod:`rosmap_geneformer.analysis.perturbation.statistics`: shifts towards cell states, rank-sum
   tests against the pooled null, Benjamini-Hochberg FDR, the ranked per-gene table.
 - :mod:`rosmap_geneformer.analysis.perturbation.estimate`: the fast first pass of deletion (a grid

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import BertModel
 
 from rosmap_geneformer import distributed
@@ -221,6 +222,45 @@ def own_effects(
     return out
 
 
+def shared_own_effects(
+    encoder: BertModel,
+    cells: Sequence[Sequence[int]],
+    positions: Sequence[np.ndarray],
+    centroids: Mapping[str, np.ndarray],
+    *,
+    layer_index: int,
+    special_tokens: bool,
+    progress: bool,
+    stats: EstimateStats,
+    processes: distributed.Processes | None,
+) -> dict[int, dict[str, np.ndarray]]:
+    """:func:`own_effects` at ``positions`` of every cell that has some, the cells shared out
+    over the launcher's processes and gathered on every rank (cell -> state -> values)."""
+    processes = processes or distributed.Processes()
+    todo = [i for i, pos in enumerate(positions) if len(pos)]
+
+    def backward(i: int) -> tuple[dict[str, np.ndarray], float]:
+        start = time.perf_counter()
+        own = own_effects(
+            encoder, cells[i], centroids, layer_index=layer_index, special_tokens=special_tokens
+        )
+        return {state: values[positions[i]] for state, values in own.items()}, (
+            time.perf_counter() - start
+        )
+
+    shared = distributed.ordered_across_processes(todo, backward, processes)
+    out = {}
+    for i, (own, seconds) in zip(
+        todo,
+        tqdm(shared, total=len(todo), desc="backward passes", unit="cell", disable=not progress),
+        strict=True,
+    ):
+        out[i] = own
+        stats.gradient_seconds += seconds  # summed over the processes: compute, not wall time
+        stats.backward_passes += len(centroids)
+    return out
+
+
 def estimate_deletions(
     encoder: BertModel,
     cells: Sequence[Sequence[int]],
@@ -251,8 +291,8 @@ def estimate_deletions(
         State -> centroid embedding (same model and layer).
     layer_index, special_tokens, max_tokens, pad_token_id, precision, progress, processes
         As :func:`~rosmap_geneformer.analysis.perturbation.engine.perturb_cells` (``precision``
-        applies to the exact grid; the backward pass runs in float32). Under a launcher only the
-        exact grid is shared out: every process runs the backward passes of every cell.
+        applies to the exact grid; the backward pass runs in float32). Under a launcher the
+        backward passes (one cell a unit) and the exact grid are both shared out.
     grid
         Exact deletions per cell.
     stats
@@ -272,6 +312,17 @@ def estimate_deletions(
             msg = f"cell {i}: positions to delete must increase, got {pos.tolist()[:10]}..."
             raise InputError(msg)
     at_grid = [grid_indices(len(p), grid) for p in positions]
+    own_by_cell = shared_own_effects(
+        encoder,
+        cells,
+        positions,
+        centroids,
+        layer_index=layer_index,
+        special_tokens=special_tokens,
+        progress=progress,
+        stats=stats,
+        processes=processes,
+    )
     for result in perturb_cells(
         encoder,
         cells,
@@ -289,15 +340,10 @@ def estimate_deletions(
         i = result.cell
         pos, grid_at = positions[i], at_grid[i]
         exact_shifts = state_shifts(result.perturbed, result.original, centroids)
-        start = time.perf_counter()
-        own = own_effects(
-            encoder, cells[i], centroids, layer_index=layer_index, special_tokens=special_tokens
-        )
-        stats.gradient_seconds += time.perf_counter() - start
-        stats.backward_passes += len(centroids)
+        own = own_by_cell.pop(i)
         shifts = {}
         for state, exact in exact_shifts.items():
-            own_here = own[state][pos]
+            own_here = own[state]
             shifts[state] = own_here + np.interp(pos, pos[grid_at], exact - own_here[grid_at])
             shifts[state][grid_at] = exact
         cosines = np.interp(pos, pos[grid_at], result.cell_cosines)

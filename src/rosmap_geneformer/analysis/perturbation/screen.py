@@ -24,12 +24,11 @@ from transformers import BertModel
 
 from rosmap_geneformer import distributed
 from rosmap_geneformer.analysis.embeddings import PRECISIONS
+from rosmap_geneformer.analysis.perturbation.encodings import PERTURB_TYPES, gene_slice
 from rosmap_geneformer.analysis.perturbation.engine import (
     DEFAULT_MAX_TOKENS,
-    PERTURB_TYPES,
     EngineStats,
     cosine,
-    gene_slice,
     perturb_cells,
 )
 from rosmap_geneformer.analysis.perturbation.estimate import (
