@@ -179,6 +179,19 @@ def ordered_across_processes(
         yield from gathered[: min(size, len(units) - first)]
 
 
+def broadcast_from_main(value: T, processes: Processes) -> T:
+    """Rank 0's ``value`` on every rank (the others pass anything); one process: ``value``.
+
+    For decisions one process must take for all, such as which trial to train next or whether
+    to prune it.
+    """
+    if processes.world_size == 1:
+        return value
+    box = [value if processes.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]  # type: ignore[return-value]
+
+
 def sum_over_processes(values: Sequence[float], processes: Processes) -> list[float]:
     """Per position, the sum over processes (every rank gets it); one process: unchanged."""
     if processes.world_size == 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -84,11 +85,24 @@ def run_stage(main: Callable[[list[str]], object], argv: Sequence[str] | None = 
     Raises
     ------
     SystemExit
-        With status 2 on an :class:`InputError`. Other exceptions propagate.
+        With status 2 on an :class:`InputError`, printed by rank 0 alone under a launcher
+        (every rank with ``--debug``). Other exceptions propagate.
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
     program = Path(inspect.getsourcefile(main) or sys.argv[0]).name
     try:
         main(arguments)
     except InputError as error:
+        if _launcher_rank() > 0 and DEBUG_FLAG not in arguments:
+            # Every process of a launcher reads the same inputs: rank 0 says it once for all
+            # (the launcher names the other ranks that exited with status 2).
+            raise SystemExit(EXIT_BAD_INPUT) from None
         raise SystemExit(report_input_error(program, arguments, error)) from None
+
+
+def _launcher_rank() -> int:
+    """This process's ``RANK`` under ``torchrun``/``accelerate launch``; 0 without a launcher."""
+    try:
+        return int(os.environ.get("RANK") or 0)
+    except ValueError:
+        return 0

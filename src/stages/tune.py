@@ -12,6 +12,14 @@ They need the same commit and data (`dvc pull`) and a storage they all reach: `t
 to a database URL (e.g. `env:OPTUNA_STORAGE` with OPTUNA_STORAGE=postgresql://user@host/db), or a
 journal file on a shared file system. Workers write nothing but trials.
 
+Each trial may itself train on several processes or GPUs: the stage runs under
+`compute.launcher`, and a worker under the same launcher, for instance on a node with 4 GPUs
+
+    torchrun --standalone --nproc_per_node 4 src/stages/tune.py --task disease --worker
+
+Rank 0 claims and samples the trials and tells the storage; every rank trains them
+(DistributedDataParallel). A study's trials all run on one number of processes.
+
 Promote the best values into params.yaml: `dvc exp run $(python src/stages/tune.py --set-args)`.
 """
 
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(" ".join(outputs.set_args(best)) + "\n")
         return
     setup_logging()
-    distributed.configure_threads(params.compute.threads, distributed.current())
+    processes = distributed.start(params.compute.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     tune = params.section("tune").values()
@@ -119,7 +127,6 @@ def main(argv: list[str] | None = None) -> None:
     location = search.resolve_storage(settings.storage, checkpoints=checkpoints)
     if args.worker:
         search.check_shared_storage(location)
-    storage = search.open_storage(location)
     work_dir = checkpoints / "tune" / f"work-{os.getpid()}"
     objective = search.Objective(
         task=task,
@@ -129,9 +136,16 @@ def main(argv: list[str] | None = None) -> None:
         fixed=fixed,
         seed=seed,
         work_dir=work_dir,
+        processes=processes,
     )
-    shown = location.split("@")[-1]  # no password in the logs
     try:
+        if not processes.is_main:
+            followed = objective.follow()
+            distributed.end(wait=False)
+            logger.info("process %d trained %d trial(s) with rank 0", processes.rank, followed)
+            return
+        storage = search.open_storage(location)
+        shown = location.split("@")[-1]  # no password in the logs
         if args.worker:
             logger.info("worker joining study %s in %s", name, shown)
             search.join_study(
@@ -139,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                 name=name,
                 fingerprint=fingerprint,
                 timeout_s=600.0 if args.wait_timeout is None else args.wait_timeout,
+                processes=processes.world_size,
             )
             # Workers sample from fresh entropy: the same seed would repeat the main's draws.
             study = optuna.load_study(
@@ -148,20 +163,42 @@ def main(argv: list[str] | None = None) -> None:
                 pruner=search.make_pruner(settings),
             )
             ran = search.run_trials(storage, study, objective)
+            objective.release()
+            distributed.end(wait=False)
             logger.info("worker ran %d trial(s) of study %s", ran, name)
             return
-        logger.info("study %s in %s: %d trials", name, shown, settings.n_trials)
+        logger.info(
+            "study %s in %s: %d trials on %d process(es) each",
+            name,
+            shown,
+            settings.n_trials,
+            processes.world_size,
+        )
         study = search.create_study(
             storage,
             name=name,
             settings=settings,
             seed=seed,
-            attrs={"fingerprint": fingerprint, "task": task_name, "metric": metric},
+            attrs={
+                "fingerprint": fingerprint,
+                "task": task_name,
+                "metric": metric,
+                search.PROCESSES_ATTR: processes.world_size,
+            },
         )
         ran = search.run_trials(storage, study, objective)
+        objective.release()
+        distributed.end(wait=False)
         logger.info("ran %d trial(s)", ran)
         search.wait_for_running(storage, study, timeout_s=args.wait_timeout)
-        outputs.write_outputs(study, out_dir, task=task_name, metric=metric, seed=seed)
+        outputs.write_outputs(
+            study,
+            out_dir,
+            task=task_name,
+            metric=metric,
+            seed=seed,
+            processes_per_trial=processes.world_size,
+        )
     finally:
         search.remove_work_dir(work_dir)
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -9,7 +12,15 @@ import optuna
 import pandas as pd
 import pytest
 from optuna.trial import TrialState
-from tuning_setup import FIXED, SPACE, load, make_workdir, stage_process, write_params
+from tuning_setup import (
+    FIXED,
+    SPACE,
+    TUNE_STAGE,
+    load,
+    make_workdir,
+    stage_process,
+    write_params,
+)
 
 from rosmap_geneformer.training.tuning import outputs, search, space
 
@@ -96,3 +107,58 @@ def test_main_and_worker_share_one_budget(workdir: Path) -> None:
     assert ran_main + ran_worker == n, (main_out, worker_out)
     trials = pd.read_csv(workdir / "reports/tune" / outputs.TRIALS_FILE, sep="\t")
     assert trials["number"].tolist() == list(range(n))
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# One thread per process: two torch processes on two cores spin otherwise.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def _under_launcher(workdir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TORCHRUN, str(TUNE_STAGE), "--params", str(workdir / "params.yaml"), *args],
+        cwd=workdir,
+        env={**os.environ, **ONE_THREAD},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+
+
+def test_each_trial_trains_on_every_process_of_the_launcher(workdir: Path) -> None:
+    proc = _under_launcher(workdir)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log
+    # Rank 1 trained every trial rank 0 claimed (a rank missing from DistributedDataParallel or
+    # from a pruning decision would hang the other one).
+    assert "process 1 trained 4 trial(s) with rank 0" in log, log
+    trials = pd.read_csv(workdir / "reports/tune" / outputs.TRIALS_FILE, sep="\t")
+    assert trials["number"].tolist() == [0, 1, 2, 3]
+    assert trials.loc[1, "state"] == "PRUNED" and trials.loc[1, "epochs_run"] == 1
+    best_params = (workdir / "reports/tune" / outputs.BEST_PARAMS_FILE).read_text()
+    assert "Each trial trained on 2 processes" in best_params
+    storage = search.open_storage(str(workdir / "checkpoints" / search.DEFAULT_JOURNAL))
+    (summary,) = optuna.get_all_study_summaries(storage)
+    study = optuna.load_study(study_name=summary.study_name, storage=storage)
+    assert study.user_attrs[search.PROCESSES_ATTR] == 2
+    assert {t.user_attrs[search.PROCESSES_ATTR] for t in study.trials} == {2}
+    # Only rank 0 wrote; the ranks' scratch folders are gone.
+    assert list((workdir / "checkpoints/tune").iterdir()) == [
+        workdir / "checkpoints" / search.DEFAULT_JOURNAL
+    ]
+
+    # A one-process worker would add trials of another batch per step: refused in one line.
+    worker = stage_process(workdir, "--worker", "--wait-timeout", "30")
+    out, _ = worker.communicate(timeout=300)
+    assert worker.returncode == 2, out
+    refusals = [line for line in out.splitlines() if "error:" in line]
+    assert len(refusals) == 1 and "train on 2 process(es) each, this run on 1" in refusals[0], out
+
+
+def test_a_refusal_under_the_launcher_is_one_line(workdir: Path) -> None:
+    proc = _under_launcher(workdir, "--task", "no_such_task")
+    assert proc.returncode != 0
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("tune.py: error:")]
+    assert len(refusals) == 1, proc.stderr
+    assert "no task 'no_such_task' under tasks" in refusals[0]

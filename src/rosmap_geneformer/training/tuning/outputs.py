@@ -65,8 +65,12 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return table
 
 
-def best_params_yaml(study: optuna.Study, *, metric: str) -> str:
-    """``best_params.yaml``: the best trial's values under ``train:``, with how to apply them."""
+def best_params_yaml(study: optuna.Study, *, metric: str, processes_per_trial: int = 1) -> str:
+    """``best_params.yaml``: the best trial's values under ``train:``, with how to apply them.
+
+    Trials trained on several processes say so: ``train`` matches them only under the same
+    launcher (a step takes ``batch_size`` cells per process).
+    """
     best = study.best_trial
     values = {key: best.params[key] for key in SEARCHABLE}
     header = [
@@ -75,6 +79,11 @@ def best_params_yaml(study: optuna.Study, *, metric: str) -> str:
         f"#   dvc exp run {' '.join(set_args({'train': values}))}",
         "# (or `dvc exp run $(python src/stages/tune.py --set-args)`).",
     ]
+    if processes_per_trial > 1:
+        header.append(
+            f"# Each trial trained on {processes_per_trial} processes (batch_size cells per "
+            "process and step): train under the same compute.launcher to match."
+        )
     return "\n".join(header) + "\n" + yaml.safe_dump({"train": values}, sort_keys=False)
 
 
@@ -205,7 +214,13 @@ def summarise(study: optuna.Study, *, task: str, metric: str, seed: int) -> dict
 
 
 def write_outputs(
-    study: optuna.Study, out_dir: str | Path, *, task: str, metric: str, seed: int
+    study: optuna.Study,
+    out_dir: str | Path,
+    *,
+    task: str,
+    metric: str,
+    seed: int,
+    processes_per_trial: int = 1,
 ) -> dict[str, Any]:
     """Write ``best_params.yaml``, ``trials.tsv``, ``metrics.json`` and the PNG plots into
     ``out_dir``, atomically as one folder."""
@@ -219,7 +234,9 @@ def write_outputs(
     figures = study_figures(study, seed=seed, metric=metric)
     with atomic_output(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        (tmp / BEST_PARAMS_FILE).write_text(best_params_yaml(study, metric=metric))
+        (tmp / BEST_PARAMS_FILE).write_text(
+            best_params_yaml(study, metric=metric, processes_per_trial=processes_per_trial)
+        )
         write_tsv(trials_table(study), tmp / TRIALS_FILE)
         write_json(summary, tmp / METRICS_FILE)
         for name, fig in figures.items():

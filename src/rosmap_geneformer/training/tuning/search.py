@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import optuna
 from optuna.trial import TrialState
 from transformers import TrainerCallback
 
+from rosmap_geneformer import distributed
 from rosmap_geneformer.errors import InputError
 from rosmap_geneformer.training import finetune
 from rosmap_geneformer.training.tasks import PreparedTask, TaskSpec
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_JOURNAL = "tune/journal.log"
 _READY_ATTR = "slots_ready"
+PROCESSES_ATTR = "processes_per_trial"
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,6 +133,7 @@ def create_study(
         load_if_exists=True,
     )
     fail_stale_trials(study, storage)
+    check_processes_per_trial(study.user_attrs, name=name, processes=attrs.get(PROCESSES_ATTR))
     for key, value in attrs.items():
         study.set_user_attr(key, value)
     trials = study.get_trials(deepcopy=False)
@@ -178,17 +181,39 @@ def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage)
         logger.warning("trial %d was left running by an interrupted run: failed", trial.number)
 
 
+def check_processes_per_trial(
+    attrs: Mapping[str, Any], *, name: str, processes: int | None
+) -> None:
+    """Refuse to add trials run on another number of processes than the study's.
+
+    Under a launcher each trial trains on every process (DistributedDataParallel): a step takes
+    ``batch_size`` cells per process, so trials run on 1 and on 4 processes are not comparable.
+    """
+    recorded = attrs.get(PROCESSES_ATTR)
+    if recorded is None or processes is None or int(recorded) == int(processes):
+        return
+    msg = (
+        f"study {name}: its trials train on {recorded} process(es) each, this run on "
+        f"{processes} (a step takes batch_size cells per process, so the trials would not be "
+        "comparable); start it under the study's compute.launcher, or set tune.study_name "
+        "to start another study."
+    )
+    raise InputError(msg)
+
+
 def join_study(
     storage: optuna.storages.BaseStorage,
     *,
     name: str,
     fingerprint: str,
     timeout_s: float,
+    processes: int = 1,
     poll_s: float = 2.0,
 ) -> None:
     """Wait until the main process has created study ``name`` and its slots (for workers).
 
-    Refuses a study made from other params, data or code (its ``fingerprint`` attribute).
+    Refuses a study made from other params, data or code (its ``fingerprint`` attribute), or
+    whose trials run on another number of ``processes`` (:func:`check_processes_per_trial`).
     """
     deadline = time.monotonic() + timeout_s
     while True:
@@ -202,6 +227,7 @@ def join_study(
                 )
                 raise RuntimeError(msg)
             if _READY_ATTR in attrs:
+                check_processes_per_trial(attrs, name=name, processes=processes)
                 return
         if time.monotonic() > deadline:
             msg = (
@@ -261,11 +287,20 @@ class PruningCallback(TrainerCallback):
     """Report the val metric to the trial after every epoch (step = epoch) and prune.
 
     Raising :class:`optuna.TrialPruned` from ``on_evaluate`` stops the ``Trainer`` at once.
+    Under a launcher every process evaluates (the metrics are gathered, so they agree); rank 0
+    holds the ``trial``, reports and decides, and the others (``trial=None``) follow its
+    decision, so that all stop at the same epoch.
     """
 
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+    def __init__(
+        self,
+        trial: optuna.Trial | None,
+        metric: str,
+        processes: distributed.Processes | None = None,
+    ) -> None:
         self.trial = trial
         self.metric = metric
+        self.processes = processes or distributed.Processes()
         self.history: list[dict[str, float]] = []
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -286,10 +321,14 @@ class PruningCallback(TrainerCallback):
             }
         )
         value = float(metrics[key])
-        self.trial.report(value, epoch)
-        self.trial.set_user_attr("val_history", finite(self.history))
-        if self.trial.should_prune():
-            logger.info("trial %d pruned after epoch %d (%s)", self.trial.number, epoch, value)
+        prune = False
+        if self.trial is not None:
+            self.trial.report(value, epoch)
+            self.trial.set_user_attr("val_history", finite(self.history))
+            prune = self.trial.should_prune()
+        if distributed.broadcast_from_main(prune, self.processes):
+            if self.trial is not None:
+                logger.info("trial %d pruned after epoch %d (%s)", self.trial.number, epoch, value)
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
 
@@ -306,7 +345,12 @@ def finite(obj: Any) -> Any:
 
 @dataclass(kw_only=True)
 class Objective:
-    """Train one trial on ``train``, score on ``val``: returns the best epoch's val metric."""
+    """Train one trial on ``train``, score on ``val``: returns the best epoch's val metric.
+
+    Under a launcher (``processes.world_size > 1``) a trial trains on every process: rank 0
+    claims and samples it (``__call__``, inside :func:`run_trials`) and sends its values to the
+    others, which wait in :meth:`follow`; :meth:`release` lets them go when no trial is left.
+    """
 
     task: TaskSpec
     prepared: PreparedTask
@@ -315,14 +359,27 @@ class Objective:
     fixed: dict[str, Any]
     seed: int
     work_dir: Path
+    processes: distributed.Processes = field(default_factory=distributed.Processes)
 
     def __call__(self, trial: optuna.Trial) -> float:
         values = self.space.suggest(trial)
-        hyper = finetune.Hyperparameters.from_params({**self.fixed, **values})
-        metric = str(self.task.early_stopping_metric)
         logger.info("trial %d: %s", trial.number, values)
+        distributed.broadcast_from_main({"number": trial.number, "values": values}, self.processes)
+        trial.set_user_attr(PROCESSES_ATTR, self.processes.world_size)
+        pruning = PruningCallback(trial, str(self.task.early_stopping_metric), self.processes)
+        best = self.fit(values, number=trial.number, pruning=pruning)
+        epochs = [h["epoch"] for h in pruning.history]
+        values_by_epoch = [h[pruning.metric] for h in pruning.history]
+        trial.set_user_attr("epochs_run", len(epochs))
+        trial.set_user_attr("best_epoch", epochs[int(np.nanargmax(values_by_epoch))])
+        return best
+
+    def fit(self, values: Mapping[str, Any], *, number: int, pruning: PruningCallback) -> float:
+        """Fine-tune with the fixed hyperparameters and ``values``; the best val metric."""
+        hyper = finetune.Hyperparameters.from_params({**self.fixed, **values})
+        metric = pruning.metric
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-", dir=self.work_dir) as out:
+        with tempfile.TemporaryDirectory(prefix=f"trial-{number}-", dir=self.work_dir) as out:
             args = finetune.training_arguments(
                 hyper,
                 output_dir=Path(out),
@@ -331,7 +388,6 @@ class Objective:
                 n_train=len(self.prepared.train),
                 save_checkpoints=False,
             )
-            pruning = PruningCallback(trial, metric)
             trainer = finetune.build_trainer(
                 task=self.task,
                 prepared=self.prepared,
@@ -344,13 +400,30 @@ class Objective:
             trainer.train()
         best = trainer.state.best_metric
         if best is None or not math.isfinite(best):
-            msg = f"trial {trial.number}: the val {metric} was never finite ({pruning.history})."
+            msg = f"trial {number}: the val {metric} was never finite ({pruning.history})."
             raise InputError(msg)
-        epochs = [h["epoch"] for h in pruning.history]
-        values_by_epoch = [h[metric] for h in pruning.history]
-        trial.set_user_attr("epochs_run", len(epochs))
-        trial.set_user_attr("best_epoch", epochs[int(np.nanargmax(values_by_epoch))])
         return float(best)
+
+    def follow(self) -> int:
+        """On the launcher's other ranks: train every trial rank 0 sends, until it releases
+        them; returns how many."""
+        followed = 0
+        while True:
+            message = distributed.broadcast_from_main(None, self.processes)
+            if message is None:
+                return followed
+            pruning = PruningCallback(None, str(self.task.early_stopping_metric), self.processes)
+            try:
+                self.fit(message["values"], number=message["number"], pruning=pruning)
+            except optuna.TrialPruned:
+                pass
+            finally:
+                gc.collect()
+            followed += 1
+
+    def release(self) -> None:
+        """On rank 0, once :func:`run_trials` has returned: the followers stop."""
+        distributed.broadcast_from_main(None, self.processes)
 
 
 def run_trials(
