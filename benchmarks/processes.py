@@ -9,11 +9,10 @@ in a fresh process measured by the harness (wall, CPU, peak RSS of the whole pro
 shared by :func:`rosmap_geneformer.distributed.ordered_across_processes`; the threads per
 process are ``threads / processes``, so every configuration uses the same cores.
 
-``planning`` turns the measured deletion rate into the wall time of a full screen (cells x genes
-per cell deletions) and scales it to a larger model by its forward cost per token (parameters
-outside the embeddings, plus attention). It is a model, not a measurement: on GPUs, measure the
-rate on one GPU (``--rate``) and the same arithmetic gives N GPUs. Results go to
-``reports/benchmarks/processes.json``.
+``planning`` is :func:`wall_time.plan`: the hours of a full deletion screen of ROSMAP's
+microglia for V1-10M and V2-104M on 1 to 8 GPUs (a model from FLOPs and datasheet peaks), with
+this machine's hours from its measured rate (the 512-token rate scaled to 2,048 tokens by FLOPs
+per pass). Results go to ``reports/benchmarks/processes.json``.
 """
 
 from __future__ import annotations
@@ -26,19 +25,16 @@ from typing import Any
 
 import harness
 import perturbation as exact_benchmark
+import wall_time
 
 ROOT = harness.ROOT
 V1_10M = exact_benchmark.V1_10M
-# Geneformer V2-104M (Chen et al. 2024): 12 layers, hidden 768, 4,096 genes per cell.
-V2_104M = {"num_hidden_layers": 12, "hidden_size": 768, "intermediate_size": 3072, "length": 4096}
 PLAN = {
     "embed_1": {"task": "embed", "processes": 1, "length": 2048, "cells": 48},
     "embed_2": {"task": "embed", "processes": 2, "length": 2048, "cells": 48},
     "perturb_1": {"task": "perturb", "processes": 1, "length": 512, "cells": 8, "genes": 48},
     "perturb_2": {"task": "perturb", "processes": 2, "length": 512, "cells": 8, "genes": 48},
 }
-# ROSMAP microglia: about 100k nuclei; a screen of 1,000 cells with every gene deleted.
-SCREEN = {"cells": 1000, "genes_per_cell_v1": 2048, "genes_per_cell_v2": 4096}
 
 
 def _job(config: dict[str, Any], rank: int, world_size: int, port: int, queue: Any) -> None:
@@ -135,43 +131,9 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def forward_cost(layers: int, hidden: int, intermediate: int, length: int) -> float:
-    """Multiply-adds per cell of one forward pass: the dense layers (4 h^2 + 2 h i per token)
-    plus attention (2 L h per token), times L tokens and the layers."""
-    per_token = 4 * hidden**2 + 2 * hidden * intermediate + 2 * length * hidden
-    return float(layers * length * per_token)
-
-
-def planning(per_s_512: float | None, *, rate_2048: float | None = None) -> dict[str, Any]:
-    """Hours of a full deletion screen of ROSMAP microglia on this machine's processes.
-
-    The V1-10M rate at 2,048 tokens is scaled from the 512-token rate by the forward cost
-    unless measured; V2-104M (4,096 tokens) by its forward cost relative to V1-10M's.
-    """
-    if not per_s_512:
-        return {}
-    v1 = (V1_10M["num_hidden_layers"], V1_10M["hidden_size"], V1_10M["intermediate_size"])
-    cost = {L: forward_cost(*v1, L) for L in (512, 2048)}
-    v1_rate = rate_2048 or per_s_512 * cost[512] / cost[2048]
-    v2_cost = forward_cost(
-        V2_104M["num_hidden_layers"],
-        V2_104M["hidden_size"],
-        V2_104M["intermediate_size"],
-        V2_104M["length"],
-    )
-    v2_rate = v1_rate * cost[2048] / v2_cost
-    v1_pert = SCREEN["cells"] * SCREEN["genes_per_cell_v1"]
-    v2_pert = SCREEN["cells"] * SCREEN["genes_per_cell_v2"]
-    return {
-        "screen": SCREEN,
-        "model": "hours = cells x genes per cell / (rate x processes); rates scaled by "
-        "multiply-adds per forward pass",
-        "v1_10m_2048_per_s": round(v1_rate, 3),
-        "v2_104m_4096_per_s": round(v2_rate, 4),
-        "v1_10m_hours": round(v1_pert / v1_rate / 3600, 1),
-        "v2_104m_hours": round(v2_pert / v2_rate / 3600, 1),
-        "v2_over_v1_cost_per_deletion": round(v2_cost / cost[2048], 1),
-    }
+def v1_rate_at_2048(per_s_512: float) -> float:
+    """V1-10M deletions per second at 2,048 tokens from the 512-token rate, by FLOPs per pass."""
+    return per_s_512 * wall_time.flops_per_pass("V1-10M", 512) / wall_time.flops_per_pass("V1-10M")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         one, two = results[f"{task}_1"]["per_s"], results[f"{task}_2"]["per_s"]
         results[f"{task}_speedup_2_over_1"] = harness.ratio(two, one)
     report["results"] = results
-    report["planning"] = planning(results["perturb_1"]["per_s"])
+    report["planning"] = wall_time.plan(cpu_rate_v1=v1_rate_at_2048(results["perturb_1"]["per_s"]))
     harness.finish_report(report, args.output)
     print(f"wrote {args.output}")
 

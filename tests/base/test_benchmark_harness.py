@@ -98,3 +98,30 @@ def test_machine_context_records_simd_and_sort_dispatch(harness: ModuleType) -> 
     assert dispatch["target"]
     assert dispatch["argsort_float64_2048_us"] > 0
     assert len(context["loadavg_at_start"]) == 3
+
+
+def test_the_wall_time_model_counts_the_encoders_flops() -> None:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertModel
+
+    from builders import tiny_geneformer_config
+
+    spec = importlib.util.spec_from_file_location("wall_time", BENCHMARKS / "wall_time.py")
+    assert spec is not None and spec.loader is not None
+    wall_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wall_time)
+    config = tiny_geneformer_config(50, num_hidden_layers=3)
+    config._attn_implementation = "eager"  # attention as matmuls, which the counter sees
+    model = BertModel(config, add_pooling_layer=False).eval()
+    length = 40
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.arange(4, 4 + length)[None])
+    expected = wall_time.forward_flops(layers=3, hidden=32, intermediate=64, length=length)
+    assert counter.get_total_flops() == expected
+    # Hours fall with the GPUs and rise with the cells; V2-104M costs 34x V1-10M per deletion.
+    one = wall_time.hours("V1-10M", 1000, rate_per_device=4.0)
+    assert wall_time.hours("V1-10M", 1000, rate_per_device=4.0, devices=8) == one / 8
+    assert one == 1000 * 2048 / 4.0 / 3600
+    ratio = wall_time.flops_per_pass("V2-104M") / wall_time.flops_per_pass("V1-10M")
+    assert round(ratio) == 34
