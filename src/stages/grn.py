@@ -17,7 +17,7 @@ from rosmap_geneformer.analysis import embeddings
 from rosmap_geneformer.analysis.grn import network
 from rosmap_geneformer.analysis.grn.stage import GRNSettings, grn_dataset
 from rosmap_geneformer.analysis.grn.tables import methods_table, metrics_summary
-from rosmap_geneformer.analysis.perturbation.screen import token_annotation
+from rosmap_geneformer.analysis.perturbation.annotation import token_annotation
 from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
 from rosmap_geneformer.logs import setup_logging

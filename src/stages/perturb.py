@@ -12,12 +12,8 @@ import torch
 
 from rosmap_geneformer import counts, distributed, io
 from rosmap_geneformer.analysis import embeddings
-from rosmap_geneformer.analysis.perturbation.screen import (
-    PerturbSettings,
-    perturb_dataset,
-    plot_top_genes,
-    token_annotation,
-)
+from rosmap_geneformer.analysis.perturbation.annotation import plot_top_genes, token_annotation
+from rosmap_geneformer.analysis.perturbation.screen import PerturbSettings, perturb_dataset
 from rosmap_geneformer.errors import run_stage
 from rosmap_geneformer.geneformer.dictionaries import PAD, TOKEN_DICTIONARY_FILE
 from rosmap_geneformer.logs import setup_logging

@@ -19,6 +19,7 @@ from builders import gene_id, one_thread, tiny_geneformer_config, write_gene_fil
 from rosmap_geneformer import counts
 from rosmap_geneformer.analysis.grn import stage
 from rosmap_geneformer.analysis.perturbation import screen
+from rosmap_geneformer.analysis.perturbation.annotation import token_annotation
 from rosmap_geneformer.errors import InputError
 
 VOCAB = 40
@@ -77,7 +78,7 @@ def encoder() -> BertModel:
 
 
 def annotation() -> pd.DataFrame:
-    return screen.token_annotation(
+    return token_annotation(
         {"<pad>": 0, "<mask>": 1, **{gene_id(t): t for t in range(2, VOCAB)}},
         {gene_id(t): symbol(t) for t in range(2, VOCAB)},
     )

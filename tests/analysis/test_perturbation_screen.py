@@ -31,6 +31,7 @@ from builders import (
 )
 from rosmap_geneformer.analysis import embeddings
 from rosmap_geneformer.analysis.perturbation import screen
+from rosmap_geneformer.analysis.perturbation.annotation import token_annotation
 
 VOCAB = 80
 
@@ -171,7 +172,7 @@ def planted_model_and_annotation(root: Path) -> tuple[Any, pd.DataFrame]:
     encoder, _ = embeddings.load_encoder(root / "finetuned" / "disease", device="cpu")
     with (root / "dict" / "token_dictionary.pkl").open("rb") as fh:
         token_dictionary = pickle.load(fh)
-    annotation = screen.token_annotation(
+    annotation = token_annotation(
         token_dictionary,
         {gene_id(t): f"AD{t}" if t in AD_TOKENS else f"G{t}" for t in range(2, VOCAB)},
     )

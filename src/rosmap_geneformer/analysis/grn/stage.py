@@ -207,7 +207,7 @@ def resolve_regulators(
         Symbols or Ensembl ids.
     annotation
         Token -> ``ensembl_id``, ``symbol``
-        (:func:`rosmap_geneformer.analysis.perturbation.screen.token_annotation`).
+        (:func:`rosmap_geneformer.analysis.perturbation.annotation.token_annotation`).
 
     Returns
     -------

@@ -10,7 +10,9 @@
   of exact deletions, a first-order part, interpolation) and its exact confirmation
   (``perturb.screen``).
 - :mod:`rosmap_geneformer.analysis.perturbation.screen`: the ``perturb`` stage's screen: settings,
-  cells and genes chosen, perturbed, tested, annotated and plotted.
+  cells and genes chosen, perturbed and tested.
+- :mod:`rosmap_geneformer.analysis.perturbation.annotation`: the ranked tables' gene names
+  (also for ``grn``), significance and top-genes plot.
 
 Network inference by deletion (:mod:`rosmap_geneformer.analysis.grn`) runs the same engine.
 """

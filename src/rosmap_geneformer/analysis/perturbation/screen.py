@@ -7,8 +7,7 @@ state centroids, and per perturbation type runs :func:`run_state_perturbation` (
 :mod:`rosmap_geneformer.analysis.perturbation.statistics`; with ``perturb.screen.method:
 estimate``, deletions are estimated first and confirmed,
 :mod:`rosmap_geneformer.analysis.perturbation.estimate`) and annotates the ranked table;
-:func:`plot_top_genes` draws it. :func:`token_annotation` (token -> Ensembl id, symbol) serves the
-grn stage too.
+:mod:`~rosmap_geneformer.analysis.perturbation.annotation` names the genes and draws the table.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from transformers import BertModel
 
 from rosmap_geneformer import distributed
 from rosmap_geneformer.analysis.embeddings import PRECISIONS
+from rosmap_geneformer.analysis.perturbation.annotation import annotate_table
 from rosmap_geneformer.analysis.perturbation.encodings import PERTURB_TYPES, gene_slice
 from rosmap_geneformer.analysis.perturbation.engine import (
     DEFAULT_MAX_TOKENS,
@@ -322,27 +322,6 @@ class PerturbSettings:
         return settings
 
 
-def token_annotation(
-    token_dictionary: Mapping[str, int], symbols: Mapping[str, str]
-) -> pd.DataFrame:
-    """Token -> Ensembl id and symbol (``""`` when unknown), special tokens excluded.
-
-    Parameters
-    ----------
-    token_dictionary
-        Ensembl id -> token.
-    symbols
-        Ensembl id -> gene symbol (e.g. ``var["gene_symbol"]`` of the sampled h5ad).
-    """
-    rows = [
-        (int(token), gene, str(symbols.get(gene, "") or ""))
-        for gene, token in token_dictionary.items()
-        if not gene.startswith("<")
-    ]
-    frame = pd.DataFrame(rows, columns=["token", "ensembl_id", "symbol"])
-    return frame.set_index("token").sort_index()
-
-
 def _subset(n: int, cap: int | None, rng: np.random.Generator) -> np.ndarray:
     if cap is None or n <= cap:
         return np.arange(n)
@@ -374,7 +353,8 @@ def perturb_dataset(
     settings
         ``params.yaml: perturb``.
     annotation
-        :func:`token_annotation` (token -> Ensembl id, symbol).
+        :func:`~rosmap_geneformer.analysis.perturbation.annotation.token_annotation` (token ->
+        Ensembl id, symbol).
     special_tokens
         V2 layout.
     pad_token_id
@@ -568,53 +548,3 @@ def perturb_dataset(
 def _already_first(cells: Sequence[np.ndarray], genes: np.ndarray, *, special_tokens: bool) -> int:
     front = 1 if special_tokens else 0
     return int(sum(len(c) > front and np.isin(c[front], genes) for c in cells))
-
-
-def annotate_table(
-    table: pd.DataFrame, annotation: pd.DataFrame, *, fdr: float, fdr_column: str = "fdr"
-) -> pd.DataFrame:
-    """Add rank, Ensembl id, symbol and significance (``fdr_column`` below ``fdr``) to a
-    :func:`~rosmap_geneformer.analysis.perturbation.statistics.perturbation_table`."""
-    out = table.copy()
-    out.insert(0, "rank", np.arange(1, len(out) + 1))
-    out.insert(1, "gene", annotation["ensembl_id"].reindex(out.index).fillna("").to_numpy())
-    out.insert(2, "symbol", annotation["symbol"].reindex(out.index).fillna("").to_numpy())
-    out["significant"] = out[fdr_column] < fdr
-    out.index.name = "token"
-    return out.reset_index()
-
-
-def plot_top_genes(
-    table: pd.DataFrame, *, top_n: int, goal_state: str, title: str, column: str = "mean_shift"
-) -> Any:
-    """Bar chart of the top genes of the table by ``column`` (the shift it is ranked by).
-
-    Bars of genes significant at the FDR threshold are filled, others hatched.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    top = table.head(top_n).iloc[::-1]
-    labels = [s or g for s, g in zip(top["symbol"], top["gene"], strict=True)]
-    fig, ax = plt.subplots(figsize=(6.5, 0.28 * len(top) + 1.4))
-    colors = ["#1f77b4" if s else "#c7c7c7" for s in top["significant"]]
-    ax.barh(labels, top[column], color=colors, edgecolor="#333333", linewidth=0.4)
-    ax.axvline(0.0, color="#333333", linewidth=0.6)
-    what = "net shift towards" if column.startswith(NET) else "shift towards"
-    ax.set_xlabel(f"mean {what} {goal_state} (cosine to centroid, perturbed - original)")
-    ax.set_title(title, fontsize=10)
-    ax.tick_params(axis="y", labelsize=8)
-    from matplotlib.patches import Patch
-
-    ax.legend(
-        handles=[
-            Patch(facecolor="#1f77b4", label="significant (BH FDR)"),
-            Patch(facecolor="#c7c7c7", label="not significant"),
-        ],
-        fontsize=7,
-        loc="lower right",
-    )
-    fig.tight_layout()
-    return fig
