@@ -274,6 +274,28 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def run_on_ranks(target: Any, world_size: int, *args: Any, timeout: float = 300) -> list[Any]:
+    """Run ``target(rank, world_size, port, *args, queue)`` in ``world_size`` spawned processes,
+    as a launcher would start them (each joins a gloo group on 127.0.0.1 at ``port`` itself),
+    and return what each put on ``queue``, sorted. Every process must exit cleanly."""
+    from rosmap_geneformer import distributed
+
+    port = distributed.free_port()
+    context = torch.multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [
+        context.Process(target=target, args=(rank, world_size, port, *args, queue))
+        for rank in range(world_size)
+    ]
+    for worker in workers:
+        worker.start()
+    reports = sorted(queue.get(timeout=timeout) for _ in workers)
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    return reports
+
+
 # ------------------------------------------------------------------------------------------
 # Params and stages
 

@@ -9,11 +9,10 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from scipy import stats
 from transformers import BertModel
 
-from builders import one_thread, tiny_geneformer_config
+from builders import one_thread, run_on_ranks, tiny_geneformer_config
 from rosmap_geneformer import distributed
 from rosmap_geneformer.analysis import embeddings
 from rosmap_geneformer.analysis.perturbation import encodings, engine, estimate
@@ -248,27 +247,8 @@ def _estimate_on_rank(rank: int, world_size: int, port: int, model_dir: str, que
 
 def test_backward_passes_are_shared_over_processes_with_the_same_estimates(encoder, tmp_path):
     encoder.save_pretrained(tmp_path / "model")
-    port = distributed.free_port()
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    alone = context.Queue()
-    single = context.Process(
-        target=_estimate_on_rank, args=(0, 1, port, str(tmp_path / "model"), alone)
-    )
-    single.start()
-    reference = alone.get(timeout=300)
-    single.join(timeout=60)
-    port = distributed.free_port()
-    workers = [
-        context.Process(target=_estimate_on_rank, args=(r, 2, port, str(tmp_path / "model"), queue))
-        for r in range(2)
-    ]
-    for worker in workers:
-        worker.start()
-    reports = sorted(queue.get(timeout=300) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
+    (reference,) = run_on_ranks(_estimate_on_rank, 1, str(tmp_path / "model"))
+    reports = run_on_ranks(_estimate_on_rank, 2, str(tmp_path / "model"))
     # One process: 5 cells, 2 readouts each. Two: cells 0, 2, 4 on rank 0 and 1, 3 on rank 1.
     assert reference[2:] == (5, 10)
     assert [r[2] for r in reports] == [3, 2]

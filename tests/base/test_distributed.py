@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from builders import run_on_ranks
 from rosmap_geneformer import distributed
 from rosmap_geneformer.errors import InputError
 
@@ -69,16 +70,7 @@ def _share(rank: int, world_size: int, port: int, queue: mp.Queue) -> None:
 
 
 def test_work_is_shared_round_robin_and_every_rank_gets_it_in_order() -> None:
-    port = distributed.free_port()
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    workers = [context.Process(target=_share, args=(r, 2, port, queue)) for r in range(2)]
-    for worker in workers:
-        worker.start()
-    reports = sorted(queue.get(timeout=120) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
+    reports = run_on_ranks(_share, 2, timeout=120)
     assert not dist.is_initialized()
     for rank, threads, results, summed in reports:
         assert threads == 1, rank
