@@ -15,7 +15,8 @@ import torch
 from rosmap_geneformer import counts, distributed, io
 from rosmap_geneformer.analysis import embeddings
 from rosmap_geneformer.analysis.grn import network
-from rosmap_geneformer.analysis.grn.stage import GRNSettings, grn_dataset
+from rosmap_geneformer.analysis.grn.settings import GRNSettings
+from rosmap_geneformer.analysis.grn.stage import grn_dataset
 from rosmap_geneformer.analysis.grn.tables import methods_table, metrics_summary
 from rosmap_geneformer.analysis.perturbation.annotation import token_annotation
 from rosmap_geneformer.errors import run_stage

@@ -26,7 +26,8 @@ from builders import (
     write_params,
 )
 from rosmap_geneformer.analysis import embeddings
-from rosmap_geneformer.analysis.grn import inference, scoring, stage
+from rosmap_geneformer.analysis.grn import inference, scoring
+from rosmap_geneformer.analysis.grn.settings import GRNSettings
 
 VOCAB = 80
 # Planted programs: TF token -> target tokens. Tokens 6 and 7 are regulators without targets.
@@ -53,10 +54,10 @@ def test_regulator_cells_are_capped_seeded_and_express_the_regulator():
 
 def test_grn_settings_validate():
     with pytest.raises(ValueError, match="unknown keys"):
-        stage.GRNSettings.from_params({"regulator": ["SOX9"]})
+        GRNSettings.from_params({"regulator": ["SOX9"]})
     with pytest.raises(ValueError, match="no regulators"):
-        stage.GRNSettings.from_params({}).regulator_names()
-    assert stage.GRNSettings.from_params({"regulators": ["A", "B", "A"]}).regulator_names() == [
+        GRNSettings.from_params({}).regulator_names()
+    assert GRNSettings.from_params({"regulators": ["A", "B", "A"]}).regulator_names() == [
         "A",
         "B",
     ]

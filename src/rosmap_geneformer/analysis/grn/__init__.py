@@ -10,6 +10,9 @@
   snapshot), TF lists and the metrics (AUPRC, EPR, precision at k, bootstrap over regulators).
 - :mod:`rosmap_geneformer.analysis.grn.network`: the outputs: strongest edges, the graph, GraphML
   and the plots.
-- :mod:`rosmap_geneformer.analysis.grn.stage`: the ``grn`` stage's settings and computation.
+- :mod:`rosmap_geneformer.analysis.grn.settings`: ``params.yaml: grn``, checked.
+- :mod:`rosmap_geneformer.analysis.grn.regulators`: regulator names resolved to tokens and
+  checked against the cells that express them.
+- :mod:`rosmap_geneformer.analysis.grn.stage`: the ``grn`` stage's computation.
 - :mod:`rosmap_geneformer.analysis.grn.tables`: the stage's headline metrics and method x metric table.
 """

