@@ -26,11 +26,8 @@ from rosmap_geneformer.geneformer.dictionaries import (
 from rosmap_geneformer.geneformer.model import config_from_params
 from rosmap_geneformer.logs import setup_logging
 from rosmap_geneformer.params import stage_arguments
-from rosmap_geneformer.training.pretrain import (
-    PretrainSettings,
-    import_checkpoint,
-    pretrain,
-)
+from rosmap_geneformer.training.checkpoint import import_checkpoint
+from rosmap_geneformer.training.pretrain import PretrainSettings, pretrain
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,7 @@ from transformers import BertForMaskedLM
 
 from builders import load_stage, write_params
 from rosmap_geneformer.geneformer.dictionaries import build_dictionaries, save_dictionaries
+from rosmap_geneformer.training import checkpoint as checkpoint_import
 from rosmap_geneformer.training import pretrain
 from tiny_bert import GENES, MAX_LEN, V1_DICT, V2_DICT, make_cells, save_checkpoint, tiny_config
 
@@ -135,7 +136,7 @@ def import_checkpoint(path: Path, out: Path, **overrides) -> dict:
         "special_tokens": True,
         "live_dir": out / "dvclive",
     } | overrides
-    return pretrain.import_checkpoint(path, **kwargs)
+    return checkpoint_import.import_checkpoint(path, **kwargs)
 
 
 def test_import_checkpoint_saves_identical_weights(tmp_path: Path, checkpoint: Path):

@@ -9,7 +9,8 @@ Two sources (``params.yaml: base_model.source``):
   right.
 - ``checkpoint``: a local Geneformer checkpoint (e.g. Geneformer-V1-10M), validated against the
   token dictionary and the tokenizer settings
-  (:func:`rosmap_geneformer.geneformer.model.validate_checkpoint`), then re-saved.
+  (:func:`rosmap_geneformer.geneformer.model.validate_checkpoint`), then re-saved
+  (:mod:`rosmap_geneformer.training.checkpoint`).
 
 Either way ``models/base/`` ends up with ``config.json``, ``model.safetensors`` and
 ``base_model.json`` (a summary), and the masked-gene loss and accuracy on the same held-out train
@@ -31,24 +32,21 @@ from typing import Any
 
 import datasets
 import numpy as np
-import torch
 from transformers import BertConfig, BertForMaskedLM, TrainingArguments
 
 from rosmap_geneformer import distributed
 from rosmap_geneformer.errors import InputError
-from rosmap_geneformer.geneformer.model import DeviceSettings, select_device, validate_checkpoint
+from rosmap_geneformer.geneformer.model import DeviceSettings, select_device
 from rosmap_geneformer.io import atomic_output
 from rosmap_geneformer.training.masking import (
     MaskedGeneCollator,
     argmax_logits,
-    evaluate_masked_genes,
     masked_accuracy,
 )
 from rosmap_geneformer.training.trainer import (
     GeneformerTrainer,
     live_callbacks,
     live_output,
-    open_live,
 )
 
 logger = logging.getLogger(__name__)
@@ -369,7 +367,7 @@ def pretrain(
     set_seed(seed)
     model = BertForMaskedLM._from_config(config, attn_implementation=device.attn_implementation)
     n_parameters = model.num_parameters()
-    logger.info("model: %s parameters, %s", f"{n_parameters:,}", _architecture(config))
+    logger.info("model: %s parameters, %s", f"{n_parameters:,}", architecture(config))
 
     output_dir, live_dir = Path(output_dir), None if live_dir is None else Path(live_dir)
     # Under a launcher every process trains (Trainer's DistributedDataParallel); rank 0 writes.
@@ -406,7 +404,7 @@ def pretrain(
         evals = [e for e in history if "eval_loss" in e]
         summary = {
             "source": "pretrain",
-            "architecture": _architecture(config),
+            "architecture": architecture(config),
             "n_parameters": n_parameters,
             "settings": asdict(settings),
             "seed": seed,
@@ -432,7 +430,7 @@ def pretrain(
         }
         if model_tmp is not None:
             model_tmp.mkdir()
-            _save(trainer.model, model_tmp, summary)
+            save_base_model(trainer.model, model_tmp, summary)
     logger.info(
         "pretrained in %.0f s: eval loss %s -> %s",
         train_seconds,
@@ -446,7 +444,8 @@ def _maybe(metrics: Mapping[str, Any], key: str) -> float | None:
     return float(metrics[key]) if key in metrics else None
 
 
-def _architecture(config: BertConfig) -> dict[str, Any]:
+def architecture(config: BertConfig) -> dict[str, Any]:
+    """The shape of a BERT config that the summary records (vocabulary, layers, widths)."""
     keys = (
         "vocab_size",
         "max_position_embeddings",
@@ -463,10 +462,10 @@ def _architecture(config: BertConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Saving and importing
+# Saving
 
 
-def _save(model: BertForMaskedLM, directory: Path, summary: Mapping[str, Any]) -> None:
+def save_base_model(model: BertForMaskedLM, directory: Path, summary: Mapping[str, Any]) -> None:
     """``save_pretrained`` (config.json, model.safetensors) plus the summary; nothing else."""
     # Trainer switches use_cache off for training; keep the config as built (Geneformer: true).
     model.config.use_cache = True
@@ -490,123 +489,13 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(msg)
 
 
-def import_checkpoint(
-    path: str | Path,
-    *,
-    output_dir: str | Path,
-    token_dictionary: Mapping[str, Any],
-    model_input_size: int,
-    special_tokens: bool,
-    train: datasets.Dataset | None = None,
-    settings: PretrainSettings | None = None,
-    live_dir: str | Path | None = None,
-    seed: int = 0,
-    dictionary_source: str = "models/dictionaries/token_dictionary.pkl",
-    device: DeviceSettings | None = None,
-) -> dict[str, Any]:
-    """Validate a local Geneformer checkpoint and save it as the base model.
-
-    The weights are loaded into ``BertForMaskedLM`` (missing encoder weights are an error, a
-    missing masked-LM head a warning) and saved with ``save_pretrained``, so ``output_dir``
-    always holds ``config.json`` + ``model.safetensors``. When ``train`` is given, the
-    masked-gene loss of the checkpoint is measured on the same held-out cells, with the same
-    masks, as :func:`pretrain` would use, and logged to ``live_dir``.
-
-    Returns
-    -------
-    The summary written to ``base_model.json``.
-    """
-    path = Path(path)
-    device = device or select_device()
-    config = validate_checkpoint(
-        path,
-        token_dictionary=token_dictionary,
-        model_input_size=model_input_size,
-        special_tokens=special_tokens,
-        dictionary_source=dictionary_source,
-    )
-    model, info = BertForMaskedLM.from_pretrained(
-        str(path),
-        local_files_only=True,
-        output_loading_info=True,
-        attn_implementation=device.attn_implementation,
-        dtype=torch.float32,
-    )
-    missing = list(info.get("missing_keys", []))
-    encoder_missing = [k for k in missing if not k.startswith("cls.")]
-    if encoder_missing:
-        msg = (
-            f"{path}: the weights lack {len(encoder_missing)} encoder tensor(s), e.g. "
-            f"{sorted(encoder_missing)[:5]}; is this a Geneformer BERT checkpoint?"
-        )
-        raise InputError(msg)
-    if missing:
-        logger.warning(
-            "%s: no masked-LM head weights (%d tensors, e.g. %s); they are newly initialised "
-            "(fine for fine-tuning; masked-gene loss and in silico perturbation need the head)",
-            path,
-            len(missing),
-            sorted(missing)[:3],
-        )
-    unexpected = list(info.get("unexpected_keys", []))
-    if unexpected:
-        logger.info("%s: ignored %d tensors not in BertForMaskedLM", path, len(unexpected))
-    summary: dict[str, Any] = {
-        "source": "checkpoint",
-        "checkpoint": path.as_posix(),
-        "architecture": _architecture(config),
-        "n_parameters": model.num_parameters(),
-        "missing_head_tensors": len(missing),
-        "ignored_tensors": len(unexpected),
-    }
-    live_dir = None if live_dir is None else Path(live_dir)
-    eval_rows = np.zeros(0, dtype=np.int64)
-    if train is not None:
-        settings = settings or PretrainSettings()
-        check_tokenized(
-            train, vocab_size=config.vocab_size, max_length=model_input_size, source="train"
-        )
-        _, eval_rows = holdout_split(
-            len(train),
-            max_cells=settings.max_cells,
-            eval_fraction=settings.eval_fraction,
-            seed=seed,
-        )
-    if train is not None and settings is not None and eval_rows.size:
-        metrics = evaluate_masked_genes(
-            model,
-            train.select(eval_rows),
-            token_dictionary=token_dictionary,
-            mlm_probability=settings.mlm_probability,
-            # seed + 1: the masks pretrain() uses for its held-out cells
-            seed=seed + 1,
-            batch_size=settings.eval_batch_size,
-            live_dir=live_dir,
-            device=device,
-        )
-        summary["eval_cells"] = int(eval_rows.size)
-        summary["eval_loss_final"] = metrics.get("eval_loss")
-        summary["eval_masked_accuracy_final"] = metrics.get("eval_masked_accuracy")
-    elif live_dir is not None:
-        # dvc.yaml declares the dvclive metrics and plots: write them even without evaluation.
-        with live_output(live_dir) as live_tmp:
-            live = open_live(live_tmp)
-            live.log_params({"source": "checkpoint", "checkpoint": path.as_posix()})
-            live.log_metric("n_parameters", summary["n_parameters"])
-            live.end()
-    with atomic_output(output_dir) as tmp:
-        tmp.mkdir()
-        _save(model, tmp, summary)
-    logger.info("imported %s (%s parameters)", path, f"{summary['n_parameters']:,}")
-    return summary
-
-
 __all__ = [
     "SOURCES",
     "SUMMARY_FILE",
     "PretrainSettings",
+    "architecture",
     "check_tokenized",
     "holdout_split",
-    "import_checkpoint",
     "pretrain",
+    "save_base_model",
 ]
