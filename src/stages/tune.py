@@ -162,33 +162,32 @@ def main(argv: list[str] | None = None) -> None:
                 sampler=search.make_sampler(settings, seed=None),
                 pruner=search.make_pruner(settings),
             )
-            ran = search.run_trials(storage, study, objective)
-            objective.release()
-            distributed.end(wait=False)
-            logger.info("worker ran %d trial(s) of study %s", ran, name)
-            return
-        logger.info(
-            "study %s in %s: %d trials on %d process(es) each",
-            name,
-            shown,
-            settings.n_trials,
-            processes.world_size,
-        )
-        study = search.create_study(
-            storage,
-            name=name,
-            settings=settings,
-            seed=seed,
-            attrs={
-                "fingerprint": fingerprint,
-                "task": task_name,
-                "metric": metric,
-                search.PROCESSES_ATTR: processes.world_size,
-            },
-        )
+        else:
+            logger.info(
+                "study %s in %s: %d trials on %d process(es) each",
+                name,
+                shown,
+                settings.n_trials,
+                processes.world_size,
+            )
+            study = search.create_study(
+                storage,
+                name=name,
+                settings=settings,
+                seed=seed,
+                attrs={
+                    "fingerprint": fingerprint,
+                    "task": task_name,
+                    "metric": metric,
+                    search.PROCESSES_ATTR: processes.world_size,
+                },
+            )
         ran = search.run_trials(storage, study, objective)
         objective.release()
         distributed.end(wait=False)
+        if args.worker:
+            logger.info("worker ran %d trial(s) of study %s", ran, name)
+            return
         logger.info("ran %d trial(s)", ran)
         search.wait_for_running(storage, study, timeout_s=args.wait_timeout)
         outputs.write_outputs(
